@@ -1,0 +1,304 @@
+"""The one typed config tree of albef-ray.
+
+Every setting lives here once, with the paper's value as its default (ALBEF, Li et al. 2021,
+and the official ``configs/Pretrain.yaml``). Experiment YAML files hold only what differs;
+CLI overrides and Tune search spaces use the same dotted names (``optim.lr=2e-4``), and
+:func:`flatten` gives those names for MLflow params.
+
+Errors always name the dotted path of the offending field::
+
+    ConfigError: optim.lr: Input should be a valid number ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file, override or combination of fields is invalid."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors; assignment re-validates so overrides cannot smuggle bad types.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    size: str = Field("albef_base", description="Registered model size (albef_ray.model.registry).")
+    image_res: int | None = Field(
+        None, gt=0, description="Input resolution; None takes the size's default (256 for albef_base)."
+    )
+    vit_init: str | None = Field(
+        "deit_base_patch16_224.fb_in1k",
+        description="timm pretrained tag or a file of timm ViT weights; None keeps random init.",
+    )
+    bert_init: str | None = Field(
+        "bert-base-uncased",
+        description="Hugging Face BERT name or save_pretrained directory; None keeps random init.",
+    )
+    checkpoint: str | None = Field(
+        None, description="albef-ray or released ALBEF checkpoint (.pth); loaded after the inits."
+    )
+    embed_dim: int = Field(256, gt=0, description="ITC projection width (paper: 256).")
+    temp: float = Field(0.07, gt=0, description="Initial softmax temperature of ITC.")
+    temp_min: float = Field(0.001, gt=0, description="Temperature is clamped to [temp_min, temp_max].")
+    temp_max: float = Field(0.5, gt=0)
+    text_dropout: float = Field(0.1, ge=0, lt=1, description="BERT hidden and attention dropout.")
+    drop_path: float = Field(0.0, ge=0, lt=1, description="ViT stochastic depth (official: 0).")
+
+    @model_validator(mode="after")
+    def _check_temp(self) -> "ModelConfig":
+        if not self.temp_min <= self.temp <= self.temp_max:
+            raise ValueError(f"temp={self.temp} outside [temp_min, temp_max]=[{self.temp_min}, {self.temp_max}]")
+        return self
+
+
+class MomentumConfig(_Section):
+    momentum: float = Field(0.995, ge=0, le=1, description="EMA coefficient m: p_m = m p_m + (1-m) p.")
+    queue_size: int = Field(65536, gt=0, description="Feature queue length K for ITC.")
+
+
+class ITCConfig(_Section):
+    enabled: bool = True
+    weight: float = Field(1.0, ge=0)
+
+
+class ITMConfig(_Section):
+    enabled: bool = True
+    hard_negatives: bool = Field(True, description="Sample negatives by ITC similarity; False = uniform.")
+    weight: float = Field(1.0, ge=0)
+
+
+class MLMConfig(_Section):
+    enabled: bool = True
+    probability: float = Field(0.15, gt=0, lt=1, description="Fraction of (non-special) tokens masked.")
+    mask_fraction: float = Field(0.8, ge=0, le=1, description="Of masked tokens: replaced by [MASK].")
+    random_fraction: float = Field(0.1, ge=0, le=1, description="Of masked tokens: random token.")
+    weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> "MLMConfig":
+        if self.mask_fraction + self.random_fraction > 1:
+            raise ValueError("mask_fraction + random_fraction must be <= 1 (the rest keep the token)")
+        return self
+
+
+class MoDConfig(_Section):
+    itc: bool = Field(True, description="Momentum-distilled ITC targets.")
+    mlm: bool = Field(True, description="Momentum-distilled MLM targets.")
+    alpha: float = Field(0.4, ge=0, le=1, description="Weight of the momentum targets.")
+    alpha_warmup_epochs: float = Field(1.0, ge=0, description="alpha ramps linearly 0 -> alpha over this.")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (paper: 1e-4).")
+    min_lr: float = Field(1e-5, ge=0, description="Cosine decays to this (paper: 1e-5).")
+    warmup_lr: float = Field(1e-5, ge=0, description="Warm-up starts here (official config).")
+    warmup_steps: int = Field(2000, ge=0, description="Linear warm-up steps (official: 20 x 100 steps).")
+    weight_decay: float = Field(0.02, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(None, gt=0, description="Max global grad norm; None = off (official).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1, description="Per worker (paper: 64 x 8 GPUs = 512).")
+    num_workers: int = Field(8, ge=1, description="Ray Train workers (one per GPU).")
+    use_gpu: bool = True
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 = autocast where supported.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (demos, tests).")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="Needed for schedules when the data size is unknown up front."
+    )
+    log_every_steps: int = Field(50, ge=1)
+    checkpoint_every_steps: int = Field(2000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+
+
+class DataConfig(_Section):
+    tokenizer: str = Field("bert-base-uncased", description="HF tokenizer name or directory.")
+    max_text_len: int = Field(25, ge=4, description="Token limit (official pretrain: 25).")
+    max_words: int = Field(30, ge=1, description="Caption cleaning word limit (official: 30).")
+    shards: list[str] = Field(default_factory=list, description="Parquet shard dirs or URIs.")
+
+
+class AlbefConfig(_Section):
+    """Root of the config tree."""
+
+    name: str = "albef"
+    seed: int = 42
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    momentum: MomentumConfig = Field(default_factory=MomentumConfig)
+    itc: ITCConfig = Field(default_factory=ITCConfig)
+    itm: ITMConfig = Field(default_factory=ITMConfig)
+    mlm: MLMConfig = Field(default_factory=MLMConfig)
+    mod: MoDConfig = Field(default_factory=MoDConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> "AlbefConfig":
+        # Raised as (dotted path, message) so the error names the field to fix.
+        if not (self.itc.enabled or self.itm.enabled or self.mlm.enabled):
+            raise _FieldError("itc.enabled", "at least one of itc, itm, mlm must be enabled")
+        if self.itm.enabled and self.itm.hard_negatives and not self.itc.enabled:
+            raise _FieldError("itm.hard_negatives", "hard negatives are sampled from ITC similarities: enable itc")
+        if self.mod.itc and not self.itc.enabled and self.mod.alpha > 0:
+            raise _FieldError("mod.itc", "momentum distillation of ITC needs itc.enabled")
+        if self.mod.mlm and not self.mlm.enabled and self.mod.alpha > 0:
+            raise _FieldError("mod.mlm", "momentum distillation of MLM needs mlm.enabled")
+        global_batch = self.train.batch_size * self.train.num_workers
+        if self.itc.enabled and self.momentum.queue_size % global_batch:
+            raise _FieldError(
+                "momentum.queue_size",
+                f"{self.momentum.queue_size} is not divisible by the global batch "
+                f"train.batch_size x train.num_workers = {global_batch}",
+            )
+        if self.optim.min_lr > self.optim.lr:
+            raise _FieldError("optim.min_lr", f"{self.optim.min_lr} exceeds optim.lr={self.optim.lr}")
+        return self
+
+    @property
+    def uses_momentum(self) -> bool:
+        """Momentum encoders are needed for ITC's queue features or for distillation."""
+        return self.itc.enabled or (self.mod.mlm and self.mod.alpha > 0)
+
+
+class _FieldError(ValueError):
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        ctx_err = (e.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _FieldError):
+            lines.append(f"{ctx_err.path}: {ctx_err.message}")
+            continue
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{path}: {msg}")
+    return "; ".join(lines)
+
+
+def build_config(data: dict[str, Any] | None = None) -> AlbefConfig:
+    """Validate a nested dict into an :class:`AlbefConfig`, naming bad fields by dotted path."""
+    try:
+        return AlbefConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=value``; the value is parsed as YAML (``2e-4``, ``true``, ``[1, 2]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML 1.1 reads "2e-4" as a string; accept it as a float like a user would expect.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree[a][b] = value`` for ``key='a.b'``; only known sections are walked into."""
+    parts = key.split(".")
+    node: Any = tree
+    schema: Any = AlbefConfig
+    for i, part in enumerate(parts[:-1]):
+        field = schema.model_fields.get(part) if schema is not None else None
+        if field is None:
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown key")
+        annotation = field.annotation
+        schema = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if schema is None:
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {key}")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {key}")
+    node[parts[-1]] = value
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``update`` wins."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with path.open() as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:  # `base: other.yaml` (relative to this file) is merged under this one
+        data = merge(load_yaml(path.parent / base), data)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> AlbefConfig:
+    """Defaults <- YAML file (only what differs) <- dotted overrides, validated once."""
+    data = load_yaml(path) if path is not None else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(data, key, value)
+    return build_config(data)
+
+
+def with_overrides(cfg: AlbefConfig, overrides: dict[str, Any]) -> AlbefConfig:
+    """A new validated config with dotted ``overrides`` applied (used by sweeps)."""
+    data = cfg.model_dump()
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+    return build_config(data)
+
+
+def flatten(cfg: AlbefConfig | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim.lr": 1e-4, ...}``: the dotted names used for MLflow params and Tune spaces."""
+    data = cfg.model_dump() if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def dump_yaml(cfg: AlbefConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,76 @@
+"""Momentum (EMA) encoders and the ITC feature queues, one component with ``update()``."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .albef import ALBEF
+
+
+def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` from every process along dim 0 (identity in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+# Sub-modules of ALBEF that have momentum copies (the official: visual_encoder, vision_proj,
+# text_encoder incl. MLM head, text_proj). The ITM head and temperature have none.
+MOMENTUM_PARTS = ("vision", "vision_proj", "text", "text_proj", "fusion", "mlm_head")
+
+
+class MomentumEncoder(nn.Module):
+    """EMA copy of the ALBEF encoders plus image/text feature queues of length K.
+
+    Queues are stored (E, K) like the official code, so ``feat @ queue`` gives similarities.
+    """
+
+    def __init__(self, model: ALBEF, momentum: float = 0.995, queue_size: int = 65536, use_queue: bool = True):
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        self.momentum = momentum
+        self.model = copy.deepcopy(model)
+        del self.model.itm_head, self.model.temp
+        self.model.requires_grad_(False)
+        self.queue_size = queue_size if use_queue else 0
+        embed_dim = model.vision_proj.out_features
+        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, self.queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, self.queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    def _pairs(self, model: ALBEF) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        online = dict(model.named_parameters())
+        momentum, source = [], []
+        for name, p_m in self.model.named_parameters():
+            if name.split(".", 1)[0] in MOMENTUM_PARTS:
+                momentum.append(p_m)
+                source.append(online[name].detach())
+        return momentum, source
+
+    @torch.no_grad()
+    def update(self, model: ALBEF, momentum: float | None = None) -> None:
+        """p_m <- m * p_m + (1 - m) * p  (exact copy at m = 0, frozen at m = 1)."""
+        m = self.momentum if momentum is None else momentum
+        p_m, p = self._pairs(model)
+        torch._foreach_mul_(p_m, m)
+        torch._foreach_add_(p_m, p, alpha=1.0 - m)
+
+    @torch.no_grad()
+    def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, gather=concat_all_gather) -> None:
+        """Write the global batch's momentum features (B*world, E) at the pointer, wrapping."""
+        image_feat, text_feat = gather(image_feat), gather(text_feat)
+        n = image_feat.shape[0]
+        if self.queue_size % n:
+            raise ValueError(f"queue_size {self.queue_size} is not divisible by the global batch {n}")
+        ptr = int(self.queue_ptr)
+        self.image_queue[:, ptr : ptr + n] = image_feat.T.to(self.image_queue.dtype)
+        self.text_queue[:, ptr : ptr + n] = text_feat.T.to(self.text_queue.dtype)
+        self.queue_ptr[0] = (ptr + n) % self.queue_size

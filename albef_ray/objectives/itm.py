@@ -1,0 +1,61 @@
+"""Image-text matching: negative sampling (hard or uniform) and the 2-way loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _sample_rows(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One column per row, P(j) proportional to ``weights[i, j]``; never the diagonal.
+
+    Robust where the official code raised "invalid multinomial distribution": non-finite or
+    negative weights are zeroed, and a row with no mass left falls back to uniform over the
+    off-diagonal columns.
+    """
+    b = weights.shape[0]
+    w = torch.nan_to_num(weights.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+    off_diag = ~torch.eye(b, dtype=torch.bool, device=w.device)
+    w = w * off_diag
+    empty = w.sum(dim=1) <= 0
+    w = torch.where(empty[:, None], off_diag.float(), w)
+    return torch.multinomial(w, 1, generator=generator).squeeze(1)
+
+
+def sample_negatives(
+    sim_i2t: torch.Tensor | None,
+    sim_t2i: torch.Tensor | None,
+    batch: int,
+    hard: bool,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each text a negative image, for each image a negative text.
+
+    Args:
+        sim_i2t, sim_t2i: (B, >=B) similarities; the first B columns are the batch. Used only
+            when ``hard`` (negatives drawn from softmax over the batch, positive excluded).
+        batch: B (>= 2).
+        hard: hard negatives; False samples uniformly among the other B - 1 items.
+
+    Returns:
+        ``neg_image`` (B,): image index for text i; ``neg_text`` (B,): text index for image i.
+    """
+    if batch < 2:
+        raise ValueError("ITM negatives need a batch of at least 2")
+    with torch.no_grad():
+        if hard:
+            w_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1)
+            w_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1)
+        else:
+            w_t2i = w_i2t = torch.ones(batch, batch, device=device)
+        return _sample_rows(w_t2i, generator), _sample_rows(w_i2t, generator)
+
+
+def itm_loss(logits: torch.Tensor, num_positive: int) -> dict[str, torch.Tensor]:
+    """Cross-entropy on (P + Nn, 2) logits whose first ``num_positive`` rows are matched pairs."""
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    labels[:num_positive] = 1
+    loss = F.cross_entropy(logits.float(), labels)
+    acc = (logits.detach().argmax(dim=1) == labels).float().mean()
+    return {"itm_loss": loss, "itm_acc": acc}

@@ -1,0 +1,183 @@
+"""The pretraining task: runs the model and the enabled objectives, sums them into ``loss``.
+
+One ``forward`` is one training micro-step (so DDP can wrap the task): EMA update of the
+momentum encoders, ITC against batch + queue, ITM with sampled negatives, MLM, optional
+momentum distillation, then enqueue. The schedule value ``alpha`` comes in as an argument.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import AlbefConfig
+from ..model.albef import ALBEF
+from ..model.momentum import MomentumEncoder
+from .itc import itc_loss, itc_targets
+from .itm import itm_loss, sample_negatives
+from .mlm import IGNORE, SpecialTokens, mask_tokens, mlm_loss
+
+
+class PretrainTask(nn.Module):
+    """ALBEF pretraining (ITC + ITM + MLM, optional MoD) as configured by the switches.
+
+    Args:
+        model: the online ALBEF.
+        cfg: the config tree; reads ``itc``, ``itm``, ``mlm``, ``mod``, ``momentum``, ``model``.
+        special: special token ids of the tokenizer (for masking).
+    """
+
+    def __init__(self, model: ALBEF, cfg: AlbefConfig, special: SpecialTokens = SpecialTokens()):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.special = special
+        self.momentum = (
+            MomentumEncoder(model, cfg.momentum.momentum, cfg.momentum.queue_size, use_queue=cfg.itc.enabled)
+            if cfg.uses_momentum
+            else None
+        )
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        alpha: float = 0.0,
+        generator: torch.Generator | None = None,
+        mlm_input: tuple[torch.Tensor, torch.Tensor] | None = None,
+        itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+        return_outputs: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """One pretraining step's losses.
+
+        Args:
+            image: (B, 3, H, W) normalised images.
+            input_ids, attention_mask: (B, T) tokenised captions.
+            alpha: momentum-distillation weight for this step (the schedule lives outside).
+            generator: RNG for masking and negative sampling (reproducible steps).
+            mlm_input: (masked_ids, labels) to use instead of sampling a mask.
+            itm_negatives: (neg_image (B,), neg_text (B,)) instead of sampling negatives.
+            return_outputs: also return similarities and full ITM / MLM logits (fidelity checks).
+
+        Returns:
+            ``loss`` (weighted sum), each enabled ``*_loss``, and detached metrics.
+        """
+        cfg, model, mom = self.cfg, self.model, self.momentum
+        b = image.shape[0]
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            model.temp.clamp_(cfg.model.temp_min, cfg.model.temp_max)
+        temp = model.temp
+
+        # ---- masking: the masked caption rides along with the clean one through the text encoder
+        if cfg.mlm.enabled:
+            if mlm_input is None:
+                mlm_input = mask_tokens(
+                    input_ids, model.arch.vocab_size, self.special, cfg.mlm.probability,
+                    cfg.mlm.mask_fraction, cfg.mlm.random_fraction, generator,
+                )
+            masked_ids, labels = mlm_input
+            ids_all = torch.cat([input_ids, masked_ids])  # (2B, T)
+            mask_all = torch.cat([attention_mask, attention_mask])
+        else:
+            ids_all, mask_all = input_ids, attention_mask
+
+        image_tokens = model.encode_image(image)  # (B, 1+N, Dv)
+        text_all = model.encode_text(ids_all, mask_all)  # (B or 2B, T, C)
+        text_hidden = text_all[:b]
+        need_feats = cfg.itc.enabled
+        if need_feats:
+            image_feat = model.image_features(image_tokens)  # (B, E)
+            text_feat = model.text_features(text_hidden)
+
+        # ---- momentum encoders (no grad): EMA first, as the official code does each step
+        alpha_itc = alpha if cfg.mod.itc else 0.0
+        alpha_mlm = alpha if (cfg.mod.mlm and cfg.mlm.enabled) else 0.0
+        if mom is not None:
+            if self.training:
+                mom.update(model)
+            with torch.no_grad():
+                m = mom.model
+                m_image_tokens = m.encode_image(image)
+                m_ids = ids_all if cfg.itc.enabled else ids_all[b:]
+                m_mask = mask_all if cfg.itc.enabled else mask_all[b:]
+                m_text_all = m.encode_text(m_ids, m_mask) if (cfg.itc.enabled or alpha_mlm > 0) else None
+                if cfg.itc.enabled:
+                    m_image_feat = m.image_features(m_image_tokens)
+                    m_text_feat = m.text_features(m_text_all[:b])
+                    image_bank = torch.cat([m_image_feat.T, mom.image_queue.clone()], dim=1)  # (E, B+K)
+                    text_bank = torch.cat([m_text_feat.T, mom.text_queue.clone()], dim=1)
+
+        # ---- ITC (Eq. 1-2; MoD targets Eq. 4)
+        if cfg.itc.enabled:
+            sim_i2t = image_feat @ text_bank / temp  # (B, B+K)
+            sim_t2i = text_feat @ image_bank / temp
+            if alpha_itc > 0:
+                with torch.no_grad():
+                    t_i2t = itc_targets(sim_i2t, m_image_feat @ text_bank / temp, alpha_itc)
+                    t_t2i = itc_targets(sim_t2i, m_text_feat @ image_bank / temp, alpha_itc)
+            else:
+                t_i2t, t_t2i = itc_targets(sim_i2t), itc_targets(sim_t2i)
+            out.update(itc_loss(sim_i2t, sim_t2i, t_i2t, t_t2i))
+            if return_outputs:
+                out["sim_i2t"], out["sim_t2i"] = sim_i2t.detach(), sim_t2i.detach()
+
+        # ---- one fusion pass for ITM positives, ITM negatives and MLM (rows share image K/V)
+        arange = torch.arange(b, device=image.device)
+        rows, masks, index = [], [], []
+        n_itm = 0
+        if cfg.itm.enabled:
+            rows.append(text_hidden); masks.append(attention_mask); index.append(arange)
+            n_itm = b
+            if b >= 2:
+                if itm_negatives is None:
+                    itm_negatives = sample_negatives(
+                        sim_i2t.detach() if cfg.itm.hard_negatives else None,
+                        sim_t2i.detach() if cfg.itm.hard_negatives else None,
+                        b, cfg.itm.hard_negatives, generator, image.device,
+                    )
+                neg_image, neg_text = itm_negatives
+                # (text i, image neg_image[i]) then (text neg_text[i], image i), as the official order
+                rows += [text_hidden, text_hidden[neg_text]]
+                masks += [attention_mask, attention_mask[neg_text]]
+                index += [neg_image, arange]
+                n_itm = 3 * b
+        if cfg.mlm.enabled:
+            rows.append(text_all[b:]); masks.append(attention_mask); index.append(arange)
+        if rows:
+            fused = model.fuse(torch.cat(rows), torch.cat(masks), image_tokens, torch.cat(index))
+
+        if cfg.itm.enabled:
+            logits = model.itm_logits(fused[:n_itm])  # (B or 3B, 2)
+            out.update(itm_loss(logits, num_positive=b))
+            if return_outputs:
+                out["itm_logits"] = logits.detach()
+
+        if cfg.mlm.enabled:
+            fused_mlm = fused[n_itm:]  # (B, T, C)
+            chosen = labels != IGNORE
+            soft = None
+            if alpha_mlm > 0:
+                with torch.no_grad():
+                    m_fused = m.fuse(m_text_all[-b:], attention_mask, m_image_tokens)
+                    soft = torch.softmax(m.mlm_logits(m_fused[chosen]).float(), dim=-1)
+            # The vocabulary projection runs on the masked positions only (same loss, less work).
+            out.update(mlm_loss(model.mlm_logits(fused_mlm[chosen]), labels[chosen], soft, alpha_mlm))
+            if return_outputs:
+                out["mlm_logits"] = model.mlm_logits(fused_mlm).detach()
+
+        if cfg.itc.enabled and self.training:
+            mom.enqueue(m_image_feat, m_text_feat)
+
+        weights = {"itc_loss": cfg.itc.weight, "itm_loss": cfg.itm.weight, "mlm_loss": cfg.mlm.weight}
+        out["loss"] = sum(weights[k] * out[k] for k in weights if k in out)
+        out["temp"] = temp.detach()
+        return out
+
+
+def build_task(cfg: AlbefConfig, special: SpecialTokens = SpecialTokens()) -> PretrainTask:
+    """Model from ``cfg.model`` (weights loaded per config) wrapped in the pretraining task."""
+    from ..model.loading import build_model_from_config
+
+    return PretrainTask(build_model_from_config(cfg), cfg, special)
