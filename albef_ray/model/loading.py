@@ -112,13 +112,17 @@ def read_albef_checkpoint(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_albef_checkpoint(target: nn.Module, path: str) -> LoadReport:
-    """A released ALBEF ``.pth`` into a :class:`PretrainTask` (online + momentum + queues) or an ALBEF.
+    """A released ALBEF (or albef-ray) ``.pth`` into a :class:`PretrainTask` (online + momentum + queues) or an ALBEF.
 
     Without ``*_m`` keys (fine-tuned releases) the momentum encoder copies the online weights.
     """
     from ..objectives.pretrain import PretrainTask
 
-    native, unused = albef_to_native(read_albef_checkpoint(path), _arch_of(target).text_layers)
+    state = read_albef_checkpoint(path)
+    if state and all(k.startswith(("model.", "momentum.")) for k in state):
+        native, unused = dict(state), []  # already albef-ray's own layout
+    else:
+        native, unused = albef_to_native(state, _arch_of(target).text_layers)
     report = LoadReport(path, unused=unused)
     if isinstance(target, PretrainTask):
         if target.momentum is None:
@@ -126,10 +130,14 @@ def load_albef_checkpoint(target: nn.Module, path: str) -> LoadReport:
             native = {k: v for k, v in native.items() if not k.startswith("momentum.")}
         load_native(target, native, report, scope="model.")
         if target.momentum is not None:
-            if not any(k.startswith("momentum.model.") for k in native):
+            copied = not any(k.startswith("momentum.model.") for k in native)
+            if copied:
                 target.momentum.update(target.model, momentum=0.0)
                 report.notes.append("no momentum weights in checkpoint: momentum encoder copied from online")
-            report.missing += [k for k in target.momentum.state_dict() if f"momentum.{k}" not in native]
+            report.missing += [
+                f"momentum.{k}" for k in target.momentum.state_dict()
+                if f"momentum.{k}" not in native and not (copied and k.startswith("model."))
+            ]
         return report
     online = {k[len("model."):]: v for k, v in native.items() if k.startswith("model.")}
     report.unused += [k for k in native if not k.startswith("model.")]

@@ -7,6 +7,8 @@ momentum distillation, then enqueue. The schedule value ``alpha`` comes in as an
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -16,6 +18,8 @@ from ..model.momentum import MomentumEncoder
 from .itc import itc_loss, itc_targets
 from .itm import itm_loss, sample_negatives
 from .mlm import IGNORE, SpecialTokens, mask_tokens, mlm_loss
+
+log = logging.getLogger(__name__)
 
 
 class PretrainTask(nn.Module):
@@ -178,6 +182,9 @@ class PretrainTask(nn.Module):
 
 def build_task(cfg: AlbefConfig, special: SpecialTokens = SpecialTokens()) -> PretrainTask:
     """Model from ``cfg.model`` (weights loaded per config) wrapped in the pretraining task."""
-    from ..model.loading import build_model_from_config
+    from ..model.loading import build_model_from_config, load_albef_checkpoint
 
-    return PretrainTask(build_model_from_config(cfg), cfg, special)
+    task = PretrainTask(build_model_from_config(cfg), cfg, special)
+    if cfg.model.checkpoint:
+        log.info("%s", load_albef_checkpoint(task, cfg.model.checkpoint))
+    return task
