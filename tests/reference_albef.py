@@ -58,14 +58,14 @@ class _TextEncoder(nn.Module):  # BertForMaskedLM-shaped: .bert and .cls
 
 
 class ReferenceALBEF(nn.Module):
-    def __init__(self, arch, embed_dim=256):
+    def __init__(self, arch, embed_dim=256, dropout=0.0):
         super().__init__()
         cfg = BertConfig(
             vocab_size=arch.vocab_size, hidden_size=arch.text_width,
             num_hidden_layers=arch.text_layers + arch.fusion_layers, num_attention_heads=arch.text_heads,
             intermediate_size=arch.text_intermediate, hidden_act="gelu", layer_norm_eps=arch.layer_norm_eps,
             max_position_embeddings=arch.max_position, type_vocab_size=arch.type_vocab_size,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
         )
         cfg._attn_implementation = "eager"
         self.visual_encoder = VisionTransformer(
@@ -109,3 +109,95 @@ class ReferenceALBEF(nn.Module):
         mlm_hidden = self.text_encoder.bert("multi_modal", att, input_ids=masked_ids, encoder_hidden_states=image_embeds)
         mlm_logits = self.text_encoder.cls(mlm_hidden)
         return sim_i2t, sim_t2i, itm_logits, mlm_logits
+
+
+class ReferencePretrainStep(nn.Module):
+    """The official training forward (model_pretrain.py ALBEF.forward) around ReferenceALBEF.
+
+    Used by benchmarks/step.py as the side-by-side baseline: per-sample multinomial loops,
+    separate positive / negative fusion passes, MLM re-running all 12 layers and the
+    vocabulary projection on every token, as the official code does.
+    """
+
+    def __init__(self, arch, queue_size=65536, momentum=0.995, mlm_probability=0.15, dropout=0.1):
+        super().__init__()
+        self.net = ReferenceALBEF(arch, dropout=dropout)
+        self.register_buffer("image_queue", F.normalize(torch.randn(256, queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(256, queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.queue_size, self.m, self.p, self.vocab = queue_size, momentum, mlm_probability, arch.vocab_size
+        for name, p in self.net.named_parameters():
+            if name.split(".")[0].endswith("_m"):
+                p.requires_grad_(False)
+
+    @torch.no_grad()
+    def _momentum_update(self):
+        n = self.net
+        for a, b in ((n.visual_encoder, n.visual_encoder_m), (n.text_encoder, n.text_encoder_m),
+                     (n.vision_proj, n.vision_proj_m), (n.text_proj, n.text_proj_m)):
+            for p, p_m in zip(a.parameters(), b.parameters()):
+                p_m.data = p_m.data * self.m + p.data * (1.0 - self.m)
+
+    def _mask(self, ids):
+        ids, labels = ids.clone(), ids.clone()
+        masked = torch.bernoulli(torch.full(ids.shape, self.p)).bool()
+        masked[ids == 0] = False
+        masked[ids == 101] = False
+        labels[~masked] = -100
+        replaced = torch.bernoulli(torch.full(ids.shape, 0.8)).bool() & masked
+        ids[replaced] = 103
+        rand = torch.bernoulli(torch.full(ids.shape, 0.5)).bool() & masked & ~replaced
+        ids[rand] = torch.randint(self.vocab, ids.shape)[rand]
+        return ids, labels
+
+    def forward(self, image, ids, att, alpha=0.4):
+        n = self.net
+        with torch.no_grad():
+            n.temp.clamp_(0.001, 0.5)
+        image_embeds = n.visual_encoder.forward_features(image)
+        image_feat = F.normalize(n.vision_proj(image_embeds[:, 0]), dim=-1)
+        text_embeds = n.text_encoder.bert("text", att, input_ids=ids)
+        text_feat = F.normalize(n.text_proj(text_embeds[:, 0]), dim=-1)
+        with torch.no_grad():
+            self._momentum_update()
+            image_embeds_m = n.visual_encoder_m.forward_features(image)
+            image_feat_m = F.normalize(n.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone()], dim=1)
+            text_feat_m = F.normalize(n.text_proj_m(n.text_encoder_m.bert("text", att, input_ids=ids)[:, 0]), dim=-1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone()], dim=1)
+            sim_targets = torch.zeros(image.shape[0], image_feat_all.shape[1])
+            sim_targets.fill_diagonal_(1)
+            t_i2t = alpha * F.softmax(image_feat_m @ text_feat_all / n.temp, 1) + (1 - alpha) * sim_targets
+            t_t2i = alpha * F.softmax(text_feat_m @ image_feat_all / n.temp, 1) + (1 - alpha) * sim_targets
+        sim_i2t = image_feat @ text_feat_all / n.temp
+        sim_t2i = text_feat @ image_feat_all / n.temp
+        loss_ita = (-(F.log_softmax(sim_i2t, 1) * t_i2t).sum(1).mean() - (F.log_softmax(sim_t2i, 1) * t_t2i).sum(1).mean()) / 2
+        with torch.no_grad():  # dequeue and enqueue
+            bs, ptr = image_feat_m.shape[0], int(self.queue_ptr)
+            self.image_queue[:, ptr:ptr + bs] = image_feat_m.T
+            self.text_queue[:, ptr:ptr + bs] = text_feat_m.T
+            self.queue_ptr[0] = (ptr + bs) % self.queue_size
+
+        out_pos = n.text_encoder.bert("fusion", att, encoder_embeds=text_embeds, encoder_hidden_states=image_embeds)
+        with torch.no_grad():
+            bs = image.shape[0]
+            w_i2t = F.softmax(sim_i2t[:, :bs], 1) + 1e-4
+            w_i2t.fill_diagonal_(0)
+            w_t2i = F.softmax(sim_t2i[:, :bs], 1) + 1e-4
+            w_t2i.fill_diagonal_(0)
+        image_neg = torch.stack([image_embeds[torch.multinomial(w_t2i[b], 1).item()] for b in range(bs)])
+        neg_idx = [torch.multinomial(w_i2t[b], 1).item() for b in range(bs)]
+        text_neg, att_neg = text_embeds[neg_idx], att[neg_idx]
+        out_neg = n.text_encoder.bert("fusion", torch.cat([att, att_neg]), encoder_embeds=torch.cat([text_embeds, text_neg]),
+                                      encoder_hidden_states=torch.cat([image_neg, image_embeds]))
+        vl = n.itm_head(torch.cat([out_pos[:, 0], out_neg[:, 0]]))
+        loss_itm = F.cross_entropy(vl, torch.cat([torch.ones(bs), torch.zeros(2 * bs)]).long())
+
+        masked, labels = self._mask(ids)
+        with torch.no_grad():
+            logits_m = n.text_encoder_m.cls(n.text_encoder_m.bert("multi_modal", att, input_ids=masked, encoder_hidden_states=image_embeds_m))
+        logits = n.text_encoder.cls(n.text_encoder.bert("multi_modal", att, input_ids=masked, encoder_hidden_states=image_embeds))
+        loss_ce = F.cross_entropy(logits.view(-1, self.vocab), labels.view(-1))
+        distill = -(F.log_softmax(logits, -1) * F.softmax(logits_m, -1)).sum(-1)[labels != -100].mean()
+        loss_mlm = (1 - alpha) * loss_ce + alpha * distill
+        return {"loss": loss_mlm + loss_ita + loss_itm}

@@ -141,3 +141,15 @@ def test_queue_gathers_global_batch():
     mom.enqueue(f, f, gather=lambda t: torch.cat([t, t + 1]))  # a 2-process gather
     assert int(mom.queue_ptr) == 4
     torch.testing.assert_close(mom.image_queue[:, 2:4], (f + 1).T)
+
+
+def test_model_and_objectives_do_not_import_ray():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import albef_ray.objectives.pretrain, albef_ray.model.loading, albef_ray.config; "
+        "print(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
