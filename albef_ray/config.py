@@ -155,6 +155,15 @@ class AlbefConfig(_Section):
             raise _FieldError("mod.itc", "momentum distillation of ITC needs itc.enabled")
         if self.mod.mlm and not self.mlm.enabled and self.mod.alpha > 0:
             raise _FieldError("mod.mlm", "momentum distillation of MLM needs mlm.enabled")
+        from .model.registry import list_sizes  # the registry is plain data; no torch import cost here
+
+        if self.model.size not in list_sizes():
+            raise _FieldError("model.size", f"unknown size {self.model.size!r}; registered: {', '.join(list_sizes())}")
+        if self.train.batch_size % self.optim.grad_accum:
+            raise _FieldError(
+                "optim.grad_accum",
+                f"train.batch_size={self.train.batch_size} does not split into {self.optim.grad_accum} equal micro-batches",
+            )
         global_batch = self.train.batch_size * self.train.num_workers
         if self.itc.enabled and self.momentum.queue_size % global_batch:
             raise _FieldError(

@@ -26,7 +26,7 @@ def itc_targets(sim: torch.Tensor, sim_m: torch.Tensor | None = None, alpha: flo
 def itc_loss(
     sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, target_i2t: torch.Tensor, target_t2i: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Both directions averaged: (L_i2t + L_t2i) / 2, plus in-batch retrieval accuracy.
+    """Both directions averaged: (L_i2t + L_t2i) / 2, plus image-to-text accuracy over batch + queue.
 
     Args:
         sim_i2t: (B, B+K) image-to-text similarities / temperature.

@@ -1,10 +1,14 @@
 """Generated image-caption batches for the CPU demo and tests, until real shards exist.
 
-Each of K "classes" owns a fixed random image template and a fixed caption. A sample is
-its class's template plus fresh Gaussian noise, paired with the class's caption, so image
-and text share learnable information: ITC can align them, ITM can tell a pair from a
-mismatch, and MLM can recover a masked word from the other words and the image. Classes
-within one batch are distinct, so in-batch negatives are true negatives.
+An image is a ``grid x grid`` layout of regions; region ``a`` shows one of ``values`` fixed
+random patterns (plus fresh Gaussian noise), and the caption names each region's pattern
+with one word, in region order: ``[CLS] w(0, v0) w(1, v1) ... [SEP] [PAD] ...``.
+
+So the pairing is learnable yet compositional, as real captions are: ITC and ITM must see
+every region to tell a pair from a mismatch, and a masked word can only be recovered from
+the image (the text alone says which region it describes, not which pattern). With the
+defaults there are 16^4 = 65,536 combinations, so two identical pairs in one batch or in a
+small ITC queue are rare.
 
 Everything is a function of ``(seed, batch index)``: batch ``i`` is the same whichever
 order or process asks for it.
@@ -17,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from ..config import AlbefConfig
+from ..config import AlbefConfig, ConfigError
 from ..model.registry import get_arch
 from ..objectives.mlm import SpecialTokens
 
@@ -27,46 +31,47 @@ class SyntheticSpec:
     """Shape and difficulty of the generated data.
 
     Attributes:
-        batch_size: B, pairs per batch; at most ``num_classes``.
-        image_res: R, images are (3, R, R).
-        vocab_size: token ids are drawn below this, above the special ids.
-        max_text_len: T, captions are padded to this length.
-        num_classes: K distinct (template, caption) pairs.
-        min_words, max_words: caption length range, [CLS] and [SEP] not counted.
-        noise: std of the per-sample Gaussian noise; templates have std 1.
-        seed: fixes templates, captions and every batch.
+        batch_size: B, pairs per batch.
+        image_res: R, images are (3, R, R); a multiple of ``grid``.
+        vocab_size: word ids are drawn below this, above the special ids.
+        max_text_len: T, captions are padded to this length (at least ``grid**2 + 2``).
+        grid: the image has ``grid x grid`` regions, the caption one word per region.
+        values: patterns (and words) per region.
+        noise: std of the per-sample Gaussian noise; patterns have std 1.
+        seed: fixes patterns, words and every batch.
     """
 
     batch_size: int
     image_res: int
     vocab_size: int
     max_text_len: int
-    num_classes: int = 64
-    min_words: int = 4
-    max_words: int = 10
+    grid: int = 2
+    values: int = 16
     noise: float = 0.5
     seed: int = 0
 
+    @property
+    def regions(self) -> int:
+        return self.grid * self.grid
+
     def __post_init__(self) -> None:
-        if self.batch_size > self.num_classes:
-            raise ValueError(f"batch_size {self.batch_size} exceeds num_classes {self.num_classes}")
-        if not 1 <= self.min_words <= self.max_words:
-            raise ValueError(f"need 1 <= min_words <= max_words, got {self.min_words}, {self.max_words}")
-        if self.max_words + 2 > self.max_text_len:
-            raise ValueError(f"max_words {self.max_words} + [CLS] + [SEP] exceeds max_text_len {self.max_text_len}")
+        if self.image_res % self.grid:
+            raise ValueError(f"image_res {self.image_res} is not a multiple of grid {self.grid}")
+        if self.regions + 2 > self.max_text_len:
+            raise ValueError(f"{self.regions} words + [CLS] + [SEP] exceed max_text_len {self.max_text_len}")
 
     @classmethod
     def from_config(cls, cfg: AlbefConfig, **kwargs) -> "SyntheticSpec":
         """Sizes from the config: per-worker batch, the model size's resolution and vocabulary."""
         arch = get_arch(cfg.model.size, cfg.model.image_res)
-        max_text_len = min(cfg.data.max_text_len, arch.max_position)
-        kwargs.setdefault("max_words", min(10, max_text_len - 2))
-        kwargs.setdefault("min_words", min(4, kwargs["max_words"]))
+        grid = kwargs.get("grid", 2)
+        if min(cfg.data.max_text_len, arch.max_position) < grid * grid + 2:
+            raise ConfigError(f"data.max_text_len: generated captions need {grid * grid + 2} tokens")
         return cls(
             batch_size=cfg.train.batch_size,
             image_res=arch.image_res,
             vocab_size=arch.vocab_size,
-            max_text_len=max_text_len,
+            max_text_len=min(cfg.data.max_text_len, arch.max_position),
             seed=cfg.seed,
             **kwargs,
         )
@@ -75,9 +80,8 @@ class SyntheticSpec:
 class SyntheticBatches:
     """``num_batches`` deterministic batches; indexable, sized and re-iterable like a loader.
 
-    Each batch is a dict with ``image`` (B, 3, R, R) float32, ``input_ids`` (B, T) int64
-    (``[CLS] w1 .. wn [SEP] [PAD] ..``) and ``attention_mask`` (B, T) int64, plus
-    ``class_id`` (B,) for inspection.
+    Each batch is a dict with ``image`` (B, 3, R, R) float32, ``input_ids`` (B, T) int64,
+    ``attention_mask`` (B, T) int64 and ``values`` (B, grid**2), each region's pattern index.
     """
 
     def __init__(self, spec: SyntheticSpec, num_batches: int, special: SpecialTokens = SpecialTokens()):
@@ -87,25 +91,14 @@ class SyntheticBatches:
         self.num_batches = num_batches
         self.special = special
         g = torch.Generator().manual_seed(spec.seed)
-        k, r, t = spec.num_classes, spec.image_res, spec.max_text_len
-        self.templates = torch.randn(k, 3, r, r, generator=g)  # (K, 3, R, R)
-        self.input_ids, self.attention_mask = self._captions(g)  # (K, T) each
-        assert self.input_ids.shape == (k, t)
-
-    def _captions(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        spec, special = self.spec, self.special
+        side = spec.image_res // spec.grid
+        self.patterns = torch.randn(spec.regions, spec.values, 3, side, side, generator=g)  # (A, V, 3, S, S)
         # Words avoid every special id; with bert-base-uncased ids those are all below 104.
         low = max(special.pad, special.cls, special.sep, special.mask, special.unk) + 1
-        if low >= spec.vocab_size:
-            raise ValueError(f"vocab_size {spec.vocab_size} leaves no room above the special ids")
-        ids = torch.full((spec.num_classes, spec.max_text_len), special.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        lengths = torch.randint(spec.min_words, spec.max_words + 1, (spec.num_classes,), generator=g)
-        for c, n in enumerate(lengths.tolist()):
-            words = torch.randint(low, spec.vocab_size, (n,), generator=g)
-            ids[c, : n + 2] = torch.cat([torch.tensor([special.cls]), words, torch.tensor([special.sep])])
-            mask[c, : n + 2] = 1
-        return ids, mask
+        if spec.vocab_size - low < spec.regions * spec.values:
+            raise ValueError(f"vocab_size {spec.vocab_size} has too few ids for {spec.regions} x {spec.values} words")
+        ids = low + torch.randperm(spec.vocab_size - low, generator=g)[: spec.regions * spec.values]
+        self.words = ids.view(spec.regions, spec.values)  # (A, V) distinct ids
 
     def __len__(self) -> int:
         return self.num_batches
@@ -114,17 +107,22 @@ class SyntheticBatches:
         if not -self.num_batches <= index < self.num_batches:
             raise IndexError(f"batch {index} out of range({self.num_batches})")
         index %= self.num_batches
-        spec = self.spec
-        # A generator per batch (seeded apart from the templates') makes batch i random-access.
+        spec, special = self.spec, self.special
+        b, t, a = spec.batch_size, spec.max_text_len, spec.regions
+        # A generator per batch (seeded apart from the patterns') makes batch i random-access.
         g = torch.Generator().manual_seed(spec.seed * 1_000_003 + index + 1)
-        classes = torch.randperm(spec.num_classes, generator=g)[: spec.batch_size]  # (B,) distinct
-        noise = torch.randn(spec.batch_size, 3, spec.image_res, spec.image_res, generator=g)
-        return {
-            "image": self.templates[classes] + spec.noise * noise,  # (B, 3, R, R)
-            "input_ids": self.input_ids[classes].clone(),  # (B, T)
-            "attention_mask": self.attention_mask[classes].clone(),  # (B, T)
-            "class_id": classes,
-        }
+        values = torch.randint(spec.values, (b, a), generator=g)  # (B, A)
+        tiles = self.patterns[torch.arange(a), values]  # (B, A, 3, S, S)
+        side, grid, res = tiles.shape[-1], spec.grid, spec.image_res
+        # (B, gy, gx, 3, S, S) -> (B, 3, gy, S, gx, S) -> (B, 3, R, R): region a = (a // grid, a % grid)
+        image = tiles.view(b, grid, grid, 3, side, side).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, res, res)
+        image = image + spec.noise * torch.randn(image.shape, generator=g)
+        input_ids = torch.full((b, t), special.pad, dtype=torch.long)
+        input_ids[:, 0] = special.cls
+        input_ids[:, 1 : a + 1] = self.words[torch.arange(a), values]  # (B, A)
+        input_ids[:, a + 1] = special.sep
+        attention_mask = (torch.arange(t) < a + 2).long().expand(b, t).clone()
+        return {"image": image, "input_ids": input_ids, "attention_mask": attention_mask, "values": values}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(self.num_batches):

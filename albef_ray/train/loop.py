@@ -1,0 +1,237 @@
+"""The training step and a single-process loop around it, in plain PyTorch.
+
+:func:`train_step` is the unit a Ray Train worker will call too: one optimizer step made of
+``optim.grad_accum`` micro-batches, with the lr and alpha schedules evaluated from the step
+number, optional bf16 autocast, optional clipping, and non-finite steps skipped.
+:func:`run_local` drives it over batches in this process, with a progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import AlbefConfig, ConfigError
+from .optim import alpha_at, build_optimizer, lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+Batch = Mapping[str, object]
+# Optional micro-batch entries handed to ``PretrainTask.forward`` as they are (tests and
+# fidelity checks fix masks and negatives with them).
+FORWARD_KEYS = ("mlm_input", "itm_negatives")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The step counts the lr and alpha schedules need.
+
+    Attributes:
+        total_steps: optimizer steps of the whole run (``train.epochs x steps_per_epoch``).
+        steps_per_epoch: optimizer steps per epoch (alpha warm-up is counted in epochs).
+    """
+
+    total_steps: int
+    steps_per_epoch: int
+
+    @classmethod
+    def from_config(cls, cfg: AlbefConfig, steps_per_epoch: int | None = None) -> "Schedule":
+        """``train.steps_per_epoch`` if set, else ``steps_per_epoch`` (e.g. the data's length)."""
+        spe = cfg.train.steps_per_epoch or steps_per_epoch
+        if not spe:
+            raise ConfigError("train.steps_per_epoch: must be set when the number of batches is unknown")
+        return cls(total_steps=cfg.train.epochs * spe, steps_per_epoch=spe)
+
+
+def resolve_device(cfg: AlbefConfig) -> torch.device:
+    """CUDA when ``train.use_gpu`` and a GPU is visible, else CPU."""
+    return torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision == "bf16"`` where the device supports it, else a no-op."""
+    if precision != "bf16" or not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def split_batch(batch: Batch, parts: int) -> list[dict[str, object]]:
+    """Split every tensor of ``batch`` along dim 0 into ``parts`` equal micro-batches."""
+    if parts == 1:
+        return [dict(batch)]
+    fixed = [k for k in FORWARD_KEYS if k in batch]
+    if fixed:
+        raise ValueError(f"cannot split a batch carrying {fixed}: pass a list of micro-batches instead")
+    size = batch["input_ids"].shape[0]
+    if size % parts:  # equal parts keep every micro-batch's enqueue a divisor of the ITC queue
+        raise ConfigError(f"optim.grad_accum: a batch of {size} does not split into {parts} equal micro-batches")
+    chunks = {k: torch.tensor_split(v, parts) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return [{k: v[i] for k, v in chunks.items()} for i in range(parts)]
+
+
+def to_device(batch: Batch, device: torch.device) -> dict[str, object]:
+    """Tensors of ``batch`` moved to ``device``; other entries unchanged."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train_step(
+    task: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch | Sequence[Batch],
+    step: int,
+    cfg: AlbefConfig,
+    schedule: Schedule,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One optimizer step.
+
+    Args:
+        task: a ``PretrainTask`` (or a DDP wrapper of one) on the batch's device; its
+            train/eval mode is the caller's choice.
+        optimizer: built by :func:`~albef_ray.train.optim.build_optimizer`.
+        batch: a dict with ``image`` (B, 3, H, W), ``input_ids`` and ``attention_mask``
+            (B, T), split into ``cfg.optim.grad_accum`` micro-batches; or a list of such
+            micro-batch dicts, used as given (these may carry ``mlm_input`` /
+            ``itm_negatives`` for the task).
+        step: 0-based optimizer step; sets lr (:func:`lr_at`) and alpha (:func:`alpha_at`).
+        cfg: the config tree (reads ``optim``, ``mod``, ``train.precision``).
+        schedule: step counts of the run.
+        generator: RNG for masking and negative sampling, on the batch's device.
+
+    Returns:
+        Floats: ``loss``, each ``*_loss`` and metric averaged over micro-batches (weighted
+        by their size), ``lr``, ``alpha``, ``grad_norm`` (before clipping) and ``skipped``
+        (1.0 when the loss or the gradient was non-finite and no update was made).
+
+    Every micro-batch runs backward even after a non-finite loss, so DDP ranks stay in
+    step: the NaN reaches every rank's gradient through the all-reduce and each rank then
+    skips the same step. The task's momentum update and enqueue still happened.
+    """
+    micro = list(batch) if isinstance(batch, Sequence) else split_batch(batch, cfg.optim.grad_accum)
+    sizes = [int(mb["input_ids"].shape[0]) for mb in micro]
+    lr = lr_at(step, cfg.optim, schedule.total_steps)
+    alpha = alpha_at(step, schedule.steps_per_epoch, cfg.mod)
+    set_lr(optimizer, lr)
+    optimizer.zero_grad(set_to_none=True)
+
+    device = micro[0]["input_ids"].device
+    sums: dict[str, float] = {}
+    loss_finite = True
+    for i, mb in enumerate(micro):
+        weight = sizes[i] / sum(sizes)
+        # DDP: all-reduce gradients only on the last micro-batch.
+        last = i == len(micro) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(task, "no_sync") else task.no_sync()
+        with sync:
+            with autocast_context(cfg.train.precision, device):
+                out = task(
+                    mb["image"], mb["input_ids"], mb["attention_mask"], alpha=alpha, generator=generator,
+                    **{k: mb[k] for k in FORWARD_KEYS if k in mb},
+                )
+            (out["loss"] * weight).backward()
+        scalars = {
+            k: v.detach().float().reshape(()) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1
+        }
+        values = torch.stack(list(scalars.values())).tolist()  # one device sync per micro-batch
+        for key, value in zip(scalars, values):
+            sums[key] = sums.get(key, 0.0) + weight * value
+        loss_finite &= math.isfinite(sums["loss"])
+
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+    skipped = not (loss_finite and torch.isfinite(grad_norm))
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        if cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.grad_clip, grad_norm)
+        optimizer.step()
+    return {**sums, "lr": lr, "alpha": alpha, "grad_norm": float(grad_norm), "skipped": float(skipped)}
+
+
+def format_metrics(step: int, total: int, metrics: Mapping[str, float]) -> str:
+    """``step 10/150 | loss 12.4 | itc_loss 5.1 | ... | lr 1.00e-04`` for a log line."""
+    losses = ["loss"] + sorted(k for k in metrics if k.endswith("_loss"))
+    others = [k for k in metrics if k not in losses and k not in ("lr", "skipped")]
+    parts = [f"step {step}/{total}"] + [f"{k} {metrics[k]:.4g}" for k in losses + others if k in metrics]
+    parts.append(f"lr {metrics['lr']:.2e}")
+    if metrics.get("skipped"):
+        parts.append(f"skipped {int(metrics['skipped'])}")
+    return " | ".join(parts)
+
+
+def _window_mean(history: list[dict[str, float]]) -> dict[str, float]:
+    keys = [k for k in history[-1] if k not in ("step", "epoch")]
+    mean = {k: sum(h[k] for h in history) / len(history) for k in keys if k != "skipped"}
+    mean["lr"] = history[-1]["lr"]
+    mean["skipped"] = sum(h["skipped"] for h in history)
+    return mean
+
+
+def run_local(
+    cfg: AlbefConfig,
+    batches: Iterable[Batch],
+    task: nn.Module | None = None,
+    device: torch.device | None = None,
+    progress: bool = True,
+    log_fn: Callable[[str], None] = tqdm.write,
+) -> list[dict[str, float]]:
+    """Train in this process for ``train.epochs`` passes over ``batches`` (or ``train.max_steps``).
+
+    Args:
+        cfg: the config tree.
+        batches: re-iterable batch dicts (see :func:`train_step`), one pass per epoch; an
+            epoch ends after ``train.steps_per_epoch`` batches when that is set.
+        task: the pretraining task; built from ``cfg`` (seeded by ``cfg.seed``) when None.
+        device: defaults to :func:`resolve_device`.
+        progress: show a tqdm progress bar.
+        log_fn: receives a line of window-averaged metrics every ``train.log_every_steps``.
+
+    Returns:
+        One metric dict per step (:func:`train_step`'s, plus ``step`` and ``epoch``).
+    """
+    from ..objectives.pretrain import build_task
+
+    torch.manual_seed(cfg.seed)
+    device = device or resolve_device(cfg)
+    task = (task if task is not None else build_task(cfg)).to(device).train()
+    optimizer = build_optimizer(task, cfg.optim)
+    schedule = Schedule.from_config(cfg, len(batches) if hasattr(batches, "__len__") else None)
+    stop = min(schedule.total_steps, cfg.train.max_steps or schedule.total_steps)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    history: list[dict[str, float]] = []
+    step, window_start = 0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=stop, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
+    with bar:
+        for epoch in range(cfg.train.epochs):
+            for i, batch in enumerate(batches):
+                if i >= schedule.steps_per_epoch or step >= stop:
+                    break
+                metrics = train_step(task, optimizer, to_device(batch, device), step, cfg, schedule, generator)
+                history.append({**metrics, "step": float(step), "epoch": float(epoch)})
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+                if step % cfg.train.log_every_steps == 0 or step == stop:
+                    window = _window_mean(history[window_start:])
+                    window["s_per_step"] = (time.perf_counter() - start) / step
+                    log_fn(format_metrics(step, stop, window))
+                    window_start = step
+            if step >= stop:
+                break
+    skipped = int(sum(h["skipped"] for h in history))
+    if skipped:
+        log.warning("%d of %d steps were skipped for a non-finite loss or gradient", skipped, step)
+    return history

@@ -1,0 +1,102 @@
+"""The ``albef-ray`` command: config show / validate, pretrain, and its error handling."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from albef_ray.cli import main
+
+DEMO = str(Path(__file__).resolve().parents[2] / "experiments" / "demo_cpu.yaml")
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "albef_ray", *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_config_show_applies_overrides(capsys):
+    assert main(["config", "show", "optim.lr=2e-4", "train.use_gpu=false"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["optim"]["lr"] == 2e-4
+    assert shown["train"]["use_gpu"] is False
+    assert shown["momentum"]["queue_size"] == 65536  # untouched default
+
+
+def test_config_show_with_file_and_override(capsys):
+    assert main(["config", "show", "--config", DEMO, "train.max_steps=7"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["model"]["size"] == "albef_tiny" and shown["train"]["max_steps"] == 7
+
+
+def test_config_validate_lists_what_differs(capsys):
+    assert main(["config", "validate", "-c", DEMO]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "model.size = 'albef_tiny'" in out and "optim.weight_decay" not in out
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=fast", "optim.lr: Input should be a valid number"),
+        ("train.bogus=1", "train.bogus: unknown key"),
+        ("nosuch.key=1", "nosuch: unknown key"),
+        ("itc.enabled=false", "itm.hard_negatives: "),
+        ("momentum.queue_size=1000", "momentum.queue_size: 1000 is not divisible"),
+        ("model.size=albef_huge", "model.size: unknown size 'albef_huge'"),
+    ],
+)
+def test_bad_config_exits_nonzero_naming_the_dotted_path(capsys, override, message):
+    assert main(["config", "show", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_key_in_a_file_is_named(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lrr: 1.0e-4\n")
+    assert main(["config", "validate", "--config", str(path)]) == 2
+    assert "optim.lrr: unknown key" in capsys.readouterr().err
+
+
+def test_bad_config_in_a_real_process_has_no_traceback():
+    proc = _run("config", "show", "train.batch_size=many")
+    assert proc.returncode == 2
+    assert "train.batch_size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_describes_the_subcommands():
+    proc = _run("--help")
+    assert proc.returncode == 0
+    assert "config" in proc.stdout and "pretrain" in proc.stdout
+    proc = _run("pretrain", "--help")
+    assert proc.returncode == 0 and "--config" in proc.stdout and "generated" in proc.stdout
+
+
+def test_pretrain_runs_the_local_loop_and_reports_losses(capsys):
+    argv = ["pretrain", "--config", DEMO, "--no-progress", "train.max_steps=3", "train.log_every_steps=3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "local single-process loop on generated" in out
+    assert "step 3/3 | loss " in out
+    assert "first loss " in out and "last loss " in out
+
+
+def test_pretrain_needs_steps_per_epoch(capsys):
+    assert main(["pretrain", "--config", DEMO, "train.steps_per_epoch=null"]) == 2
+    assert "train.steps_per_epoch: required" in capsys.readouterr().err
+
+
+def test_pretrain_requires_a_config_file():
+    proc = _run("pretrain")
+    assert proc.returncode == 2 and "--config" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("optim.grad_accum=3", "optim.grad_accum: train.batch_size=16"), ("data.max_text_len=5", "data.max_text_len: ")],
+)
+def test_pretrain_config_problems_are_named(capsys, override, message):
+    assert main(["pretrain", "--config", DEMO, override]) == 2
+    assert message in capsys.readouterr().err
