@@ -68,8 +68,12 @@ def run_one(impl: str, size: str, batch: int, precision: str, device: str, steps
     torch.manual_seed(0)
     task, arch = _build(impl, size, batch, precision)
     task = task.to(device).train()
-    params = [p for p in task.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02)
+    if impl == "official_like":  # the official code: timm's create_optimizer -> plain torch AdamW
+        optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.02)
+    else:
+        from albef_ray.train.optim import build_optimizer
+
+        optimizer = build_optimizer(task, task.cfg.optim)
     image = torch.randn(batch, 3, arch.image_res, arch.image_res, device=device)
     ids = torch.randint(200, arch.vocab_size, (batch, text_len), device=device)  # above the special ids
     ids[:, 0], ids[:, -1] = 101, 102
