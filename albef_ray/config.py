@@ -118,8 +118,35 @@ class TrainConfig(_Section):
         None, ge=1, description="Needed for schedules when the data size is unknown up front."
     )
     log_every_steps: int = Field(50, ge=1)
-    checkpoint_every_steps: int = Field(2000, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
+    checkpoint_every_steps: int = Field(2000, ge=1, description="Also at every epoch end.")
+    keep_checkpoints: int = Field(3, ge=1, description="Ray keeps the last K checkpoints.")
+    max_nonfinite_steps: int = Field(
+        5, ge=1, description="This many non-finite steps in a row stop the run (last good checkpoint kept)."
+    )
+    cpus_per_worker: float = Field(
+        4.0, gt=0, description="CPUs a train worker reserves; the rest of a node decodes data (Ray Data)."
+    )
+
+
+class RunSettings(_Section):
+    """Where a run lives and how Ray treats it (the Ray edge reads this; the model never does)."""
+
+    name: str | None = Field(None, description="Run folder name; None = '<config name>-<timestamp>'.")
+    storage_path: str = Field("runs", description="Results root (local dir or cloud URI); made absolute.")
+    address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local cluster.")
+    max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint.")
+    fail_at_step: int | None = Field(
+        None, ge=1, description="TEST ONLY: rank 1 (or 0) dies once at this step (fault-injection tests)."
+    )
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    tracking_uri: str | None = Field(
+        None, description="MLflow URI; None = sqlite:///<storage_path>/mlflow.db. On a cluster: an MLflow server."
+    )
+    experiment: str = Field("albef-ray", description="MLflow experiment name.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow tags (e.g. ablation name).")
 
 
 class DataConfig(_Section):
@@ -143,6 +170,8 @@ class AlbefConfig(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    run: RunSettings = Field(default_factory=RunSettings)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check_combination(self) -> "AlbefConfig":

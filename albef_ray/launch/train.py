@@ -1,0 +1,290 @@
+"""Ray Train edge: a config becomes a TorchTrainer run of ALBEF pretraining.
+
+The worker loop only wires plain-PyTorch pieces together (``build_task``, ``train_step``,
+``save_training_state``) with Ray's: the dataset shard, DDP via ``prepare_model``,
+``ray.train.report`` for metrics and checkpoints, and ``get_checkpoint`` for restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from ..config import AlbefConfig, build_config
+from ..train.checkpoint import TrainProgress, load_training_state, save_training_state
+from ..train.loop import Schedule, format_metrics, train_step
+from ..train.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+RNG_FILE = "rng_rank{rank}.pt"
+FAULT_MARKER = "fault_injected"
+
+
+@dataclass
+class RunPaths:
+    storage: Path  # results root
+    name: str
+
+    @property
+    def run_dir(self) -> Path:
+        return self.storage / self.name
+
+
+def run_paths(cfg: AlbefConfig) -> RunPaths:
+    storage = Path(cfg.run.storage_path).expanduser().resolve()
+    name = cfg.run.name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    return RunPaths(storage, name)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+class _Window:
+    """Averages per-step metrics between reports; sums counters."""
+
+    COUNTERS = ("skipped", "dropped_rows")
+
+    def __init__(self):
+        self.rows: list[dict[str, float]] = []
+
+    def add(self, metrics: dict[str, float]) -> None:
+        self.rows.append(metrics)
+
+    def flush(self) -> dict[str, float]:
+        keys = {k for r in self.rows for k in r}
+        out = {}
+        for k in keys:
+            vals = [r[k] for r in self.rows if k in r]
+            out[k] = sum(vals) if k in self.COUNTERS else sum(vals) / len(vals)
+        self.rows = []
+        return out
+
+
+def _maybe_inject_fault(cfg: AlbefConfig, step: int, rank: int, world: int, run_dir: Path) -> None:
+    """TEST ONLY (``run.fail_at_step``): one worker dies once, as a lost node would."""
+    if cfg.run.fail_at_step is None or step != cfg.run.fail_at_step or rank != min(1, world - 1):
+        return
+    marker = run_dir / FAULT_MARKER
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"killed rank {rank} at step {step}\n")
+    os._exit(1)
+
+
+def _report(metrics, progress, cfg, task, optimizer, generator, rank, with_checkpoint):
+    import ray.train
+
+    metrics = {**metrics, "step": progress.step, "epoch": progress.epoch}
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        # Every rank writes its own RNG file; Ray merges the ranks' files into one checkpoint.
+        if rank == 0:
+            save_training_state(tmp, task, optimizer, progress, cfg, generator)
+        from ..train.checkpoint import rng_state
+
+        torch.save(rng_state(generator), Path(tmp) / RNG_FILE.format(rank=rank))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _restore(task, optimizer, generator, rank) -> TrainProgress:
+    import ray.train
+
+    from ..train.checkpoint import set_rng_state
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return TrainProgress()
+    with ckpt.as_directory() as d:
+        progress = load_training_state(d, task, optimizer, generator, restore_rng=False)
+        rng_path = Path(d) / RNG_FILE.format(rank=rank)
+        if rng_path.exists():
+            set_rng_state(torch.load(rng_path, weights_only=True), generator)
+    log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, progress.step, progress.epoch, progress.batches_done)
+    return progress
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    """Runs on every Ray Train worker. ``loop_config``: config, steps_per_epoch, run_dir, tracking."""
+    import ray.train
+    import ray.train.torch
+
+    from ..objectives.mlm import SpecialTokens
+    from ..objectives.pretrain import build_task
+    from .tracking import MetricLogger
+
+    cfg = build_config(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run_dir = Path(loop_config["run_dir"])
+    torch.manual_seed(cfg.seed)  # identical init on every rank
+    task = build_task(cfg, loop_config.get("special") or SpecialTokens())
+    all_on = cfg.itc.enabled and cfg.itm.enabled and cfg.mlm.enabled
+    task = ray.train.torch.prepare_model(
+        task, parallel_strategy_kwargs={"find_unused_parameters": not all_on, "forward_sync_buffers": False}
+    )
+    device = ray.train.torch.get_device()
+    optimizer = build_optimizer(task, cfg.optim)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank)
+    torch.manual_seed(cfg.seed + 1000 * rank)  # dropout differs across ranks
+    progress = _restore(task, optimizer, generator, rank)
+    schedule = Schedule(cfg.train.epochs * loop_config["steps_per_epoch"], loop_config["steps_per_epoch"])
+    stop = min(schedule.total_steps, cfg.train.max_steps or schedule.total_steps)
+    tracker = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 and loop_config.get("run_id") else None
+    shard = ray.train.get_dataset_shard("train")
+    collate = loop_config.get("collate")
+    window = _Window()
+    task.train()
+
+    while progress.epoch < cfg.train.epochs and progress.step < stop:
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size, collate_fn=collate, drop_last=True, device=device
+        )
+        t_wait = time.perf_counter()
+        for i, batch in enumerate(batches):
+            if i < progress.batches_done:  # resuming mid-epoch: these were trained on already
+                t_wait = time.perf_counter()
+                continue
+            if i >= schedule.steps_per_epoch or progress.step >= stop:
+                break
+            t_ready = time.perf_counter()
+            _maybe_inject_fault(cfg, progress.step, rank, world, run_dir)
+            dropped = float(batch.pop("num_dropped", torch.zeros(())).sum()) if isinstance(batch, dict) else 0.0
+            metrics = train_step(task, optimizer, batch, progress.step, cfg, schedule, generator)
+            t_done = time.perf_counter()
+            progress.step += 1
+            progress.batches_done = i + 1
+            progress.nonfinite_in_row = progress.nonfinite_in_row + 1 if metrics["skipped"] else 0
+            metrics.update(
+                dropped_rows=dropped,
+                samples_per_s=cfg.train.batch_size * world / max(t_done - t_wait, 1e-9),
+                data_wait_frac=(t_ready - t_wait) / max(t_done - t_wait, 1e-9),
+            )
+            window.add(metrics)
+            t_wait = time.perf_counter()
+            if progress.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{progress.nonfinite_in_row} non-finite steps in a row at step {progress.step} "
+                    f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last good "
+                    "checkpoint is kept. Lower optim.lr, set optim.grad_clip or check the data."
+                )
+            end_of_epoch = progress.batches_done >= schedule.steps_per_epoch
+            checkpoint = progress.step % cfg.train.checkpoint_every_steps == 0 or progress.step >= stop or end_of_epoch
+            if end_of_epoch:
+                progress.epoch += 1
+                progress.batches_done = 0
+            if progress.step % cfg.train.log_every_steps == 0 or checkpoint:
+                report = window.flush()
+                if tracker is not None:
+                    tracker.log(report, progress.step)
+                    log.info(format_metrics(progress.step, stop, report))
+                _report(report, progress, cfg, task, optimizer, generator, rank, checkpoint)
+            if end_of_epoch:
+                break
+        else:  # the shard ran out before steps_per_epoch batches
+            progress.epoch += 1
+            progress.batches_done = 0
+    return {"step": progress.step, "epoch": progress.epoch}
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def launch_pretrain(cfg: AlbefConfig, datasets: dict, steps_per_epoch: int, collate=None, special=None):
+    """Fit a TorchTrainer for ``cfg``; returns (ray.train.Result, RunPaths, tracking uri, run id)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .tracking import close_run, open_run, resolve_tracking_uri
+
+    paths = run_paths(cfg)
+    uri = resolve_tracking_uri(cfg, paths.storage)
+    run_id = None
+    if cfg.tracking.enabled:
+        tags = {"model.size": cfg.model.size, "dataset": ",".join(cfg.data.shards) or "synthetic", **cfg.tracking.tags}
+        run_id = open_run(cfg, uri, paths.run_dir, paths.name, tags)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"), "steps_per_epoch": steps_per_epoch,
+            "run_dir": str(paths.run_dir), "tracking_uri": uri, "run_id": run_id,
+            "collate": collate, "special": special,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=paths.name, storage_path=str(paths.storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+        datasets=datasets,
+    )
+    status = "FAILED"
+    result = None
+    try:
+        result = trainer.fit()
+        status = "FINISHED"
+        return result, paths, uri, run_id
+    finally:
+        if run_id:
+            ckpt = result.checkpoint.path if result is not None and result.checkpoint else None
+            close_run(uri, run_id, status, ckpt, paths.run_dir)
+
+
+def synthetic_dataset(cfg: AlbefConfig, steps_per_epoch: int):
+    """Generated tensors as a Ray dataset (until a shard directory is configured)."""
+    import ray.data
+
+    from ..train.synthetic import synthetic_batches
+
+    rows_needed = steps_per_epoch * cfg.train.num_workers * cfg.train.batch_size
+    per_batch = synthetic_batches(cfg, rows_needed // cfg.train.batch_size)
+    rows = []
+    for batch in per_batch:
+        for j in range(batch["input_ids"].shape[0]):
+            rows.append({k: batch[k][j].numpy() for k in ("image", "input_ids", "attention_mask")})
+    return ray.data.from_items(rows)
+
+
+def init_ray(cfg: AlbefConfig) -> None:
+    """Connect to ``run.address`` / ``$RAY_ADDRESS`` (e.g. under ``ray job submit``) or start locally."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=cfg.run.address, log_to_driver=True)
+
+
+def run_pretrain(cfg: AlbefConfig, echo=print):
+    """The ``albef-ray pretrain`` job: data, TorchTrainer, MLflow; returns the Ray Result."""
+    init_ray(cfg)
+    collate = special = None
+    if cfg.data.shards:
+        from .data import build_pretrain_inputs  # the Ray Data pipeline over Parquet shards
+
+        datasets, steps_per_epoch, collate, special = build_pretrain_inputs(cfg)
+    else:
+        steps_per_epoch = cfg.train.steps_per_epoch or 50
+        datasets = {"train": synthetic_dataset(cfg, steps_per_epoch)}
+        echo("data: generated tensors (set data.shards to stream Parquet caption shards)")
+    paths = run_paths(cfg)
+    echo(f"results: {paths.run_dir}")
+    result, paths, uri, run_id = launch_pretrain(cfg, datasets, steps_per_epoch, collate, special)
+    from .tracking import ui_hint
+
+    if run_id:
+        echo(f"MLflow run {run_id} in {uri}\n  view: {ui_hint(uri)}")
+    if result.checkpoint:
+        echo(f"last checkpoint: {result.checkpoint.path}")
+    return result
