@@ -1,0 +1,1 @@
+"""The Ray edge: config -> Ray Data pipelines, TorchTrainer runs, Tune sweeps."""
