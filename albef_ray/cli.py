@@ -4,7 +4,7 @@ Subcommands::
 
     albef-ray config show     [--config F] [a.b=c ...]   print the resolved config as YAML
     albef-ray config validate [--config F] [a.b=c ...]   check it, list what differs from defaults
-    albef-ray pretrain         --config F  [a.b=c ...]   pretrain (for now: local loop, generated data)
+    albef-ray pretrain         --config F  [a.b=c ...]   pretrain on Ray Train (--local: one process)
 
 Config problems exit with status 2 and one line naming the dotted path, never a traceback.
 """
@@ -55,12 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(validate)
 
     pretrain = commands.add_parser(
-        "pretrain", help="pretrain ALBEF (for now: the local single-process loop on generated tensors)",
-        description="Pretrain ALBEF with ITC, ITM and MLM (+ momentum distillation) as configured. "
-        "For now this runs the local single-process loop on generated image-caption tensors; "
-        "the Ray Train launcher and real data shards come later.",
+        "pretrain", help="pretrain ALBEF with Ray Train (or --local: one process)",
+        description="Pretrain ALBEF with ITC, ITM and MLM (+ momentum distillation) as configured: "
+        "a Ray Train TorchTrainer with train.num_workers workers, data streamed by Ray Data from "
+        "data.shards (generated tensors when none), every step logged to MLflow. Connects to "
+        "run.address / $RAY_ADDRESS (e.g. under `ray job submit`), else starts Ray locally. "
+        "The whole config is validated before Ray starts.",
     )
     _add_config_args(pretrain, required=True)
+    pretrain.add_argument("--local", action="store_true", help="single-process loop on generated tensors, no Ray")
+    pretrain.add_argument(
+        "--resume", metavar="NAME",
+        help="continue run NAME (under run.storage_path) from its latest checkpoint, in the same MLflow run",
+    )
     pretrain.add_argument(
         "--no-progress", action="store_true", help="no progress bar (there is none anyway when stderr is not a terminal)"
     )
@@ -101,6 +108,24 @@ def _config_validate(cfg: AlbefConfig, args: argparse.Namespace) -> int:
 
 
 def _pretrain(cfg: AlbefConfig, args: argparse.Namespace) -> int:
+    if args.local:
+        return _pretrain_local(cfg, args)
+    from .launch.train import run_pretrain
+
+    if args.resume:
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": args.resume})})
+    print(
+        f"albef-ray pretrain: {cfg.model.size} on Ray Train, {cfg.train.num_workers} worker(s) x batch "
+        f"{cfg.train.batch_size}, {'GPU' if cfg.train.use_gpu else 'CPU'}, precision {cfg.train.precision}"
+    )
+    result = run_pretrain(cfg)
+    metrics = result.metrics or {}
+    if metrics:
+        print(f"finished at step {metrics.get('step')} | loss {metrics.get('loss', float('nan')):.4f}")
+    return 0
+
+
+def _pretrain_local(cfg: AlbefConfig, args: argparse.Namespace) -> int:
     from .model.registry import get_arch
     from .train.loop import resolve_device, run_local
     from .train.synthetic import synthetic_batches
@@ -110,8 +135,7 @@ def _pretrain(cfg: AlbefConfig, args: argparse.Namespace) -> int:
     arch = get_arch(cfg.model.size, cfg.model.image_res)
     total = cfg.train.epochs * cfg.train.steps_per_epoch
     steps = min(total, cfg.train.max_steps or total)
-    print("albef-ray pretrain: local single-process loop on generated image-caption tensors")
-    print("  (not real data and not Ray Train yet: the Ray launcher and data shards come later)")
+    print("albef-ray pretrain --local: single-process loop on generated image-caption tensors (no Ray)")
     print(
         f"  config {args.config} | model {cfg.model.size} @ {arch.image_res}px | batch {cfg.train.batch_size}"
         f" x grad_accum {cfg.optim.grad_accum} | {steps} of {total} scheduled steps"

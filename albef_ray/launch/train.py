@@ -137,6 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank)
     torch.manual_seed(cfg.seed + 1000 * rank)  # dropout differs across ranks
     progress = _restore(task, optimizer, generator, rank)
+    start_step = progress.step
     schedule = Schedule(cfg.train.epochs * loop_config["steps_per_epoch"], loop_config["steps_per_epoch"])
     stop = min(schedule.total_steps, cfg.train.max_steps or schedule.total_steps)
     tracker = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 and loop_config.get("run_id") else None
@@ -193,7 +194,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         else:  # the shard ran out before steps_per_epoch batches
             progress.epoch += 1
             progress.batches_done = 0
-    return {"step": progress.step, "epoch": progress.epoch}
+    return {"step": progress.step, "epoch": progress.epoch, "start_step": start_step}
 
 
 # --------------------------------------------------------------------------- driver side
@@ -242,19 +243,15 @@ def launch_pretrain(cfg: AlbefConfig, datasets: dict, steps_per_epoch: int, coll
             close_run(uri, run_id, status, ckpt, paths.run_dir)
 
 
-def synthetic_dataset(cfg: AlbefConfig, steps_per_epoch: int):
-    """Generated tensors as a Ray dataset (until a shard directory is configured)."""
-    import ray.data
-
+def synthetic_rows(cfg: AlbefConfig, steps_per_epoch: int) -> list[dict]:
+    """Generated image-caption tensors as rows, one epoch's worth for every worker (no Ray)."""
     from ..train.synthetic import synthetic_batches
 
-    rows_needed = steps_per_epoch * cfg.train.num_workers * cfg.train.batch_size
-    per_batch = synthetic_batches(cfg, rows_needed // cfg.train.batch_size)
     rows = []
-    for batch in per_batch:
+    for batch in synthetic_batches(cfg, steps_per_epoch * cfg.train.num_workers):
         for j in range(batch["input_ids"].shape[0]):
             rows.append({k: batch[k][j].numpy() for k in ("image", "input_ids", "attention_mask")})
-    return ray.data.from_items(rows)
+    return rows
 
 
 def init_ray(cfg: AlbefConfig) -> None:
@@ -268,15 +265,19 @@ def init_ray(cfg: AlbefConfig) -> None:
 
 def run_pretrain(cfg: AlbefConfig, echo=print):
     """The ``albef-ray pretrain`` job: data, TorchTrainer, MLflow; returns the Ray Result."""
-    init_ray(cfg)
     collate = special = None
     if cfg.data.shards:
         from .data import build_pretrain_inputs  # the Ray Data pipeline over Parquet shards
 
+        init_ray(cfg)
         datasets, steps_per_epoch, collate, special = build_pretrain_inputs(cfg)
     else:
         steps_per_epoch = cfg.train.steps_per_epoch or 50
-        datasets = {"train": synthetic_dataset(cfg, steps_per_epoch)}
+        rows = synthetic_rows(cfg, steps_per_epoch)  # raises a ConfigError before Ray starts
+        init_ray(cfg)
+        import ray.data
+
+        datasets = {"train": ray.data.from_items(rows)}
         echo("data: generated tensors (set data.shards to stream Parquet caption shards)")
     paths = run_paths(cfg)
     echo(f"results: {paths.run_dir}")

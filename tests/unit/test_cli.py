@@ -71,20 +71,20 @@ def test_help_describes_the_subcommands():
     assert proc.returncode == 0
     assert "config" in proc.stdout and "pretrain" in proc.stdout
     proc = _run("pretrain", "--help")
-    assert proc.returncode == 0 and "--config" in proc.stdout and "generated" in proc.stdout
+    assert proc.returncode == 0 and "--config" in proc.stdout and "Ray Train" in proc.stdout and "--local" in proc.stdout
 
 
 def test_pretrain_runs_the_local_loop_and_reports_losses(capsys):
-    argv = ["pretrain", "--config", DEMO, "--no-progress", "train.max_steps=3", "train.log_every_steps=3"]
+    argv = ["pretrain", "--local", "--config", DEMO, "--no-progress", "train.max_steps=3", "train.log_every_steps=3"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "local single-process loop on generated" in out
+    assert "single-process loop on generated" in out
     assert "step 3/3 | loss " in out
     assert "first loss " in out and "last loss " in out
 
 
 def test_pretrain_needs_steps_per_epoch(capsys):
-    assert main(["pretrain", "--config", DEMO, "train.steps_per_epoch=null"]) == 2
+    assert main(["pretrain", "--local", "--config", DEMO, "train.steps_per_epoch=null"]) == 2
     assert "train.steps_per_epoch: required" in capsys.readouterr().err
 
 
@@ -98,5 +98,8 @@ def test_pretrain_requires_a_config_file():
     [("optim.grad_accum=3", "optim.grad_accum: train.batch_size=16"), ("data.max_text_len=5", "data.max_text_len: ")],
 )
 def test_pretrain_config_problems_are_named(capsys, override, message):
+    import ray
+
     assert main(["pretrain", "--config", DEMO, override]) == 2
     assert message in capsys.readouterr().err
+    assert not ray.is_initialized()  # rejected before any Ray work
