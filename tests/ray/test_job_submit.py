@@ -1,0 +1,53 @@
+"""`ray job submit` of a short pretraining run against a head node started here."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head_node():
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    if (Path.home() / ".ray" / "auth_token").exists():
+        env["RAY_AUTH_MODE"] = "token"  # `ray start` turns token auth on once a token exists
+    port, dash = _free_port(), _free_port()
+    subprocess.run(
+        [BIN / "ray", "start", "--head", "--num-cpus=2", f"--port={port}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_job_submit_runs_pretrain(head_node, tmp_path):
+    address, env = head_node
+    cmd = [
+        BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
+        "--runtime-env-json", '{"excludes": [".venv", "runs", ".git"]}', "--",
+        "albef-ray", "pretrain", "--config", "experiments/demo_cpu.yaml",
+        "train.max_steps=6", "train.log_every_steps=3", "train.checkpoint_every_steps=3",
+        f"run.storage_path={tmp_path}", "run.name=submitted",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "finished at step 6" in out
+    assert any((tmp_path / "submitted").glob("checkpoint_*/state.pt"))
+    assert (tmp_path / "mlflow.db").exists()
