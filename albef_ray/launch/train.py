@@ -123,6 +123,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     from .tracking import MetricLogger
 
     cfg = build_config(loop_config["config"])
+    # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker reserved.
+    torch.set_num_threads(max(1, round(cfg.train.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_dir = Path(loop_config["run_dir"])
@@ -167,6 +169,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             progress.nonfinite_in_row = progress.nonfinite_in_row + 1 if metrics["skipped"] else 0
             metrics.update(
                 dropped_rows=dropped,
+                step_time_s=t_done - t_wait,  # data wait + step (+ the previous report's cost)
                 samples_per_s=cfg.train.batch_size * world / max(t_done - t_wait, 1e-9),
                 data_wait_frac=(t_ready - t_wait) / max(t_done - t_wait, 1e-9),
             )
