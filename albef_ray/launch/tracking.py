@@ -41,7 +41,15 @@ def open_run(cfg: AlbefConfig, uri: str, run_dir: Path, run_name: str, tags: dic
         log.info("resuming MLflow run %s", run_id)
         return run_id
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    if exp is None:
+        # With a local SQLite store MLflow would put artifacts in ./mlruns of whatever directory
+        # the driver runs in; keep them beside the database instead.
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     from mlflow.entities import Param

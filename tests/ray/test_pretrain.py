@@ -54,6 +54,7 @@ def test_two_worker_run_loss_falls_and_mlflow_has_everything(ray_cluster, tmp_pa
         assert key in run.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "loss_curves.png"} <= artifacts
+    assert (tmp_path / "mlartifacts").is_dir()  # beside the store, not in the working directory
 
 
 def test_resume_equals_straight_run(ray_cluster, tmp_path):
