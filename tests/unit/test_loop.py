@@ -156,7 +156,8 @@ def test_synthetic_batches_are_deterministic_and_in_vocab():
     spec = SyntheticSpec.from_config(cfg)
     data = synthetic_batches(cfg, 3)
     b = data[1]
-    assert b["image"].shape == (16, 3, 32, 32) and b["input_ids"].shape == (16, spec.max_text_len)
+    bs = cfg.train.batch_size
+    assert b["image"].shape == (bs, 3, 32, 32) and b["input_ids"].shape == (bs, spec.max_text_len)
     assert torch.equal(b["image"], synthetic_batches(cfg, 3)[1]["image"])
     assert not torch.equal(b["image"], data[2]["image"])
     ids = b["input_ids"]
