@@ -149,9 +149,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     task.train()
 
     while progress.epoch < cfg.train.epochs and progress.step < stop:
-        batches = shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size, collate_fn=collate, drop_last=True, device=device
-        )
+        kwargs = loop_config.get("iter_kwargs") or {"batch_size": cfg.train.batch_size, "drop_last": True}
+        batches = shard.iter_torch_batches(collate_fn=collate, device=device, **kwargs)
         t_wait = time.perf_counter()
         for i, batch in enumerate(batches):
             if i < progress.batches_done:  # resuming mid-epoch: these were trained on already
@@ -203,7 +202,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 # --------------------------------------------------------------------------- driver side
 
 
-def launch_pretrain(cfg: AlbefConfig, datasets: dict, steps_per_epoch: int, collate=None, special=None):
+def launch_pretrain(cfg: AlbefConfig, datasets: dict, steps_per_epoch: int, collate=None, special=None, iter_kwargs=None):
     """Fit a TorchTrainer for ``cfg``; returns (ray.train.Result, RunPaths, tracking uri, run id)."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -221,7 +220,7 @@ def launch_pretrain(cfg: AlbefConfig, datasets: dict, steps_per_epoch: int, coll
         train_loop_config={
             "config": cfg.model_dump(mode="json"), "steps_per_epoch": steps_per_epoch,
             "run_dir": str(paths.run_dir), "tracking_uri": uri, "run_id": run_id,
-            "collate": collate, "special": special,
+            "collate": collate, "special": special, "iter_kwargs": iter_kwargs,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
@@ -268,12 +267,14 @@ def init_ray(cfg: AlbefConfig) -> None:
 
 def run_pretrain(cfg: AlbefConfig, echo=print):
     """The ``albef-ray pretrain`` job: data, TorchTrainer, MLflow; returns the Ray Result."""
-    collate = special = None
+    collate = special = loader_kwargs = None
     if cfg.data.shards:
-        from .data import build_pretrain_inputs  # the Ray Data pipeline over Parquet shards
+        from .data import build_pretrain_inputs, iter_kwargs  # Ray Data over Parquet shards
 
         init_ray(cfg)
         datasets, steps_per_epoch, collate, special = build_pretrain_inputs(cfg)
+        loader_kwargs = iter_kwargs(cfg)
+        echo(f"data: {', '.join(cfg.data.shards)} ({steps_per_epoch} steps per epoch)")
     else:
         steps_per_epoch = cfg.train.steps_per_epoch or 50
         rows = synthetic_rows(cfg, steps_per_epoch)  # raises a ConfigError before Ray starts
@@ -284,7 +285,7 @@ def run_pretrain(cfg: AlbefConfig, echo=print):
         echo("data: generated tensors (set data.shards to stream Parquet caption shards)")
     paths = run_paths(cfg)
     echo(f"results: {paths.run_dir}")
-    result, paths, uri, run_id = launch_pretrain(cfg, datasets, steps_per_epoch, collate, special)
+    result, paths, uri, run_id = launch_pretrain(cfg, datasets, steps_per_epoch, collate, special, loader_kwargs)
     from .tracking import ui_hint
 
     if run_id:
