@@ -5,14 +5,19 @@ Subcommands::
     albef-ray config show     [--config F] [a.b=c ...]   print the resolved config as YAML
     albef-ray config validate [--config F] [a.b=c ...]   check it, list what differs from defaults
     albef-ray pretrain         --config F  [a.b=c ...]   pretrain on Ray Train (--local: one process)
+    albef-ray data build OUT --source SPEC [...]         image-caption inputs -> Parquet shards + manifest
+    albef-ray data synth OUT [--train N ...]             generate the embedded benchmark and its tokenizer
 
-Config problems exit with status 2 and one line naming the dotted path, never a traceback.
+Config problems exit with status 2 and one line naming the dotted path, never a traceback;
+so do bad data-build arguments (an unknown source format, an output holding another dataset).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -71,7 +76,90 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument(
         "--no-progress", action="store_true", help="no progress bar (there is none anyway when stderr is not a terminal)"
     )
+    _add_data_commands(commands)
     return parser
+
+
+SOURCE_HELP = (
+    "an input as comma-separated key=value pairs: name=NAME,format=json|img2dataset|webdataset,"
+    "path=FILE|DIR|GLOB[,split=train]; json also takes image_root=DIR (default: the annotation "
+    "file's directory); img2dataset takes image_column= (jpg), caption_column= (caption), "
+    "id_column= (key, else url). Repeat for several sources."
+)
+
+
+def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    from .data.synth import SynthConfig
+    from .data.tokenizer import DEFAULT_VOCAB_SIZE
+
+    data = commands.add_parser("data", help="build caption datasets: Parquet shards + manifest")
+    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    build = actions.add_parser(
+        "build", help="validate image-caption inputs and write them as Parquet shards",
+        description="Read ALBEF JSON annotations, img2dataset Parquet or WebDataset tars; skip (count "
+        "and list in OUT/skipped.jsonl) missing, truncated or undecodable images and empty captions; "
+        "write OUT/<split>/part-NNNNN.parquet and OUT/manifest.json. Run the same command again to "
+        "finish an interrupted build: finished shards are kept.",
+    )
+    build.add_argument("out", metavar="OUT", help="output dataset directory")
+    build.add_argument("--source", action="append", default=[], metavar="SPEC", help=SOURCE_HELP)
+    build.add_argument("--sources", metavar="FILE", help="YAML list of sources with the same keys as --source")
+    build.add_argument(
+        "--shard-size", default="128MiB", metavar="SIZE", help="target shard size, e.g. 64MB, 1GiB (default: 128MiB)"
+    )
+    build.add_argument("--shard-rows", type=int, metavar="N", help="also cut a shard at N rows")
+    build.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+        help="processes decoding images (default: all cores; 0: in this process)",
+    )
+    _add_build_flags(build)
+
+    defaults = SynthConfig()
+    synth = actions.add_parser(
+        "synth", help="generate the embedded benchmark: shape scenes, captions, tokenizer",
+        description="Render scenes of 2-3 shapes (size, colour, relation) with captions; train/val/test "
+        "disjoint by scene; several paraphrases per val/test image; a fraction of wrong training "
+        "captions. Writes shards + manifest like `data build` (source 'synth'), the noisy captions to "
+        "OUT/synth_noise.jsonl and a WordPiece tokenizer to OUT/tokenizer/.",
+    )
+    synth.add_argument("out", metavar="OUT", help="output dataset directory")
+    for flag, name, kind, metavar, text in (
+        ("--seed", "seed", int, "N", "random seed: the same seed gives identical shards"),
+        ("--image-size", "image_size", int, "PX", "image side in pixels"),
+        ("--train", "train", int, "N", "training images (one caption each)"),
+        ("--val", "val", int, "N", "validation images"),
+        ("--test", "test", int, "N", "test images"),
+        ("--noise", "noise", float, "FRACTION", "fraction of training captions made wrong"),
+        ("--captions", "eval_captions", int, "N", "captions per val/test image"),
+    ):
+        default = getattr(defaults, name)
+        described = f"{text} (default: {default})"
+        synth.add_argument(flag, dest=name, type=kind, default=default, metavar=metavar, help=described)
+    synth.add_argument(
+        "--format", dest="image_format", choices=("png", "jpeg"), default=defaults.image_format,
+        help=f"image encoding (default: {defaults.image_format})",
+    )
+    synth.add_argument("--shard-rows", type=int, default=2048, metavar="N", help="rows per shard (default: 2048)")
+    synth.add_argument(
+        "--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, metavar="N",
+        help=f"WordPiece vocabulary bound (default: {DEFAULT_VOCAB_SIZE}; albef_tiny has 1000 ids)",
+    )
+    synth.add_argument("--workers", type=int, default=0, metavar="N", help="processes validating images (default: 0)")
+    _add_build_flags(synth)
+
+
+def _add_build_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset of other inputs in OUT")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (none anyway off a terminal)")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``"128MiB"``, ``"64MB"``, ``"1e6"``, ``"4096"``."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    match = re.fullmatch(r"\s*([0-9.e+]+)\s*([a-z]*)\s*", text.lower())
+    if not match or match.group(2) not in units:
+        raise ValueError(f"--shard-size: cannot read {text!r} (e.g. 64MB, 128MiB, 1GiB)")
+    return int(float(match.group(1)) * units[match.group(2)])
 
 
 def check_config(cfg: AlbefConfig) -> None:
@@ -158,11 +246,86 @@ def _pretrain_local(cfg: AlbefConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_build(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .data.sources import parse_source_spec, source_from_dict
+    from .data.writer import write_dataset
+
+    sources = [parse_source_spec(spec) for spec in args.source]
+    if args.sources:
+        with open(args.sources, encoding="utf-8") as handle:
+            listed = yaml.safe_load(handle) or []
+        if not isinstance(listed, list):
+            raise ValueError(f"{args.sources}: expected a YAML list of sources")
+        sources += [source_from_dict(spec) for spec in listed]
+    if not sources:
+        raise ValueError("no inputs: give --source SPEC (repeatable) or --sources FILE")
+    manifest = write_dataset(
+        args.out, sources, shard_bytes=parse_size(args.shard_size), shard_rows=args.shard_rows,
+        workers=args.workers, progress=sys.stderr.isatty() and not args.no_progress, overwrite=args.overwrite,
+    )
+    _report(args.out, manifest)
+    return 0
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from .data.synth import NOISE_FILE, SynthConfig, build_synth
+
+    config = SynthConfig(
+        seed=args.seed, image_size=args.image_size, train=args.train, val=args.val, test=args.test,
+        noise=args.noise, eval_captions=args.eval_captions, image_format=args.image_format,
+    )
+    manifest = build_synth(
+        args.out, config, shard_rows=args.shard_rows, vocab_size=args.vocab_size, workers=args.workers,
+        progress=sys.stderr.isatty() and not args.no_progress, overwrite=args.overwrite,
+    )
+    _report(args.out, manifest)
+    noise = manifest["synth"]["noise"]
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(noise["by_kind"].items())) or "none"
+    listed = os.path.join(args.out, NOISE_FILE)
+    print(f"  noisy training captions: {noise['rows']} of {config.train} ({kinds}) -> {listed}")
+    tokenizer = os.path.join(args.out, manifest["tokenizer"])
+    with open(os.path.join(tokenizer, "vocab.txt"), encoding="utf-8") as handle:
+        vocab = sum(1 for _ in handle)
+    print(f"  tokenizer: {tokenizer} (WordPiece, {vocab} tokens; load with AutoTokenizer.from_pretrained)")
+    return 0
+
+
+def _report(out: str, manifest: dict) -> None:
+    print(f"albef-ray data: dataset in {out}")
+    for split, entry in manifest["splits"].items():
+        sources = ", ".join(f"{name} {rows}" for name, rows in entry["sources"].items())
+        shards = f"{len(entry['shards'])} shard" + "s" * (len(entry["shards"]) != 1)
+        print(f"  {split}: {entry['rows']} rows ({entry['images']} images) in {shards} [{sources}]")
+    skipped = manifest["skipped"]
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped["by_reason"].items()))
+    listed = f" ({reasons}) -> {os.path.join(out, 'skipped.jsonl')}" if reasons else ""
+    print(f"  skipped inputs: {skipped['total']}{listed}")
+    print(f"  manifest: {os.path.join(out, 'manifest.json')}")
+
+
+def _data(args: argparse.Namespace) -> int:
+    from .data.writer import BuildError
+
+    handler = {"build": _data_build, "synth": _data_synth}[args.data_command]
+    try:
+        return handler(args)
+    except (ValueError, BuildError, FileNotFoundError) as err:
+        print(f"albef-ray: data error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("albef-ray: interrupted; run the same command again to finish the build", file=sys.stderr)
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``albef-ray``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "data":
+        return _data(args)
     handler = {"show": _config_show, "validate": _config_validate}.get(getattr(args, "config_command", None))
     if args.command == "pretrain":
         handler = _pretrain

@@ -3,11 +3,23 @@
 A dataset is a directory::
 
     <root>/manifest.json            schema version, splits, row counts per source, skipped inputs
-    <root>/skipped.jsonl            one line per skipped input: {"source", "input", "reason"}
+    <root>/skipped.jsonl            one line per skipped input: {"source", "input", "image_id", "reason", "detail"}
     <root>/<split>/part-00000.parquet ...
+    <root>/tokenizer/               optional: a Hugging Face tokenizer directory (synthetic data)
+    <root>/_build/                  only while a build is unfinished: per-shard progress records
 
 Each Parquet row is one image-caption pair (an image with several captions has several rows
-sharing ``image_id``; retrieval ground truth groups by it).
+sharing ``image_id``; retrieval ground truth groups by it). ``image_id`` is unique within a
+``source``; ``(source, image_id)`` is unique within a dataset.
+
+Shards of a split are numbered from 0 in input order; ``manifest.json`` lists them with their
+row counts, and is written last, so a directory without it is an unfinished build. Readers
+should take shard paths from the manifest (see :mod:`albef_ray.data.manifest`) rather than
+listing the directory.
+
+Skip reasons (the ``reason`` of a ``skipped.jsonl`` line and the keys of the manifest's
+``skipped.by_reason``) are the names in :data:`SKIP_REASONS`. An image-level problem skips the
+image with all its captions as one line; an empty caption skips that caption only.
 """
 
 from __future__ import annotations
@@ -29,3 +41,19 @@ ROW_SCHEMA = pa.schema(
 
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"
+TOKENIZER_DIR = "tokenizer"
+PROGRESS_DIR = "_build"
+
+SKIP_REASONS = (
+    "missing_image",  # no file, no bytes (e.g. an img2dataset row that failed to download)
+    "unreadable_image",  # not an image PIL can identify, or its header fails verify()
+    "truncated_image",  # the header is fine but the pixel data does not load (cut short, corrupt)
+    "empty_caption",  # no caption, or only whitespace
+    "missing_caption",  # a WebDataset sample with an image but no .txt member
+    "unreadable_input",  # a whole input file (annotation JSON, Parquet, tar) that cannot be read
+)
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index`` of a split, e.g. ``part-00003.parquet``."""
+    return f"part-{index:05d}.parquet"
