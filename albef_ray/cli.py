@@ -162,19 +162,6 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * units[match.group(2)])
 
 
-def check_config(cfg: AlbefConfig) -> None:
-    """Checks the config module does not make (yet): the size registry, micro-batch split."""
-    from .model.registry import list_sizes
-
-    if cfg.model.size not in list_sizes():
-        raise ConfigError(f"model.size: unknown size {cfg.model.size!r}; registered: {', '.join(list_sizes())}")
-    if cfg.train.batch_size % cfg.optim.grad_accum:
-        raise ConfigError(
-            f"optim.grad_accum: train.batch_size={cfg.train.batch_size} does not split into "
-            f"{cfg.optim.grad_accum} equal micro-batches"
-        )
-
-
 def changed_settings(cfg: AlbefConfig) -> dict[str, object]:
     """Dotted settings whose value differs from the defaults."""
     defaults = flatten(AlbefConfig())
@@ -331,7 +318,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = _pretrain
     try:
         cfg = load_config(args.config, args.overrides)
-        check_config(cfg)
         return handler(cfg, args)
     except ConfigError as err:
         print(f"albef-ray: config error: {err}", file=sys.stderr)
