@@ -256,6 +256,16 @@ def synthetic_rows(cfg: AlbefConfig, steps_per_epoch: int) -> list[dict]:
     return rows
 
 
+def absolute_data_paths(cfg: AlbefConfig) -> AlbefConfig:
+    """Local data and tokenizer paths made absolute: Ray workers run in a session folder."""
+
+    def fix(path: str) -> str:
+        return str(Path(path).resolve()) if "://" not in path and Path(path).exists() else path
+
+    data = cfg.data.model_copy(update={"shards": [fix(p) for p in cfg.data.shards], "tokenizer": fix(cfg.data.tokenizer)})
+    return cfg.model_copy(update={"data": data})
+
+
 def init_ray(cfg: AlbefConfig) -> None:
     """Connect to ``run.address`` / ``$RAY_ADDRESS`` (e.g. under ``ray job submit``) or start locally."""
     import ray
@@ -267,6 +277,7 @@ def init_ray(cfg: AlbefConfig) -> None:
 
 def run_pretrain(cfg: AlbefConfig, echo=print):
     """The ``albef-ray pretrain`` job: data, TorchTrainer, MLflow; returns the Ray Result."""
+    cfg = absolute_data_paths(cfg)
     collate = special = loader_kwargs = None
     if cfg.data.shards:
         from .data import build_pretrain_inputs, iter_kwargs  # Ray Data over Parquet shards
