@@ -150,10 +150,40 @@ class TrackingConfig(_Section):
 
 
 class DataConfig(_Section):
+    """Caption shards and ALBEF's pretraining transform (official ``dataset/__init__.py``).
+
+    The image resolution is not repeated here: it is ``model.image_res`` (or the size's), so
+    the data and the ViT's position embeddings cannot disagree.
+    """
+
     tokenizer: str = Field("bert-base-uncased", description="HF tokenizer name or directory.")
     max_text_len: int = Field(25, ge=4, description="Token limit (official pretrain: 25).")
     max_words: int = Field(30, ge=1, description="Caption cleaning word limit (official: 30).")
-    shards: list[str] = Field(default_factory=list, description="Parquet shard dirs or URIs.")
+    shards: list[str] = Field(
+        default_factory=list, description="Dataset dirs or URIs, each holding <split>/part-*.parquet."
+    )
+    crop_scale: tuple[float, float] = Field(
+        (0.2, 1.0), description="RandomResizedCrop area fraction (official pretrain: 0.2-1.0)."
+    )
+    flip_prob: float = Field(0.5, ge=0, le=1, description="Horizontal flip probability (torchvision default).")
+    randaug_ops: int = Field(2, ge=0, description="RandAugment ops drawn per image (official: 2).")
+    randaug_magnitude: int = Field(7, ge=0, le=10, description="RandAugment level out of 10 (official: 7).")
+    jpeg_draft: bool = Field(
+        True, description="Decode JPEGs at the smallest DCT scale that still covers the crop at full resolution."
+    )
+    map_batch_size: int = Field(
+        256, ge=1, description="Rows per decode task (read blocks are split to this); rows are permuted within it."
+    )
+    shuffle_buffer: int = Field(
+        1024, ge=0, description="Rows in the trainer-side local shuffle buffer (0 = files + in-batch only)."
+    )
+
+    @model_validator(mode="after")
+    def _check_crop_scale(self) -> "DataConfig":
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise _FieldError("data.crop_scale", f"need 0 < low <= high <= 1, got {self.crop_scale}")
+        return self
 
 
 class AlbefConfig(_Section):

@@ -82,3 +82,26 @@ def test_killed_worker_run_completes_from_checkpoint(ray_cluster, tmp_path):
     assert result.metrics["step"] == 8
     assert result.return_value["start_step"] == 3  # the restarted group began at the last checkpoint
     assert _final_state(result)["progress"]["step"] == 8
+
+
+def test_two_workers_stream_synthetic_shards_and_loss_falls(ray_cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from albef_ray.cli import main
+    from albef_ray.launch.train import run_pretrain
+
+    data = tmp_path / "synth"
+    assert main(["data", "synth", str(data), "--train", "480", "--val", "16", "--test", "16",
+                 "--image-size", "32", "--no-progress"]) == 0
+    cfg = _cfg(tmp_path, "train.num_workers=2", f"data.shards=[{data}]", f"data.tokenizer={data}/tokenizer",
+               "train.steps_per_epoch=null", "train.max_steps=40", "train.checkpoint_every_steps=40",
+               "data.shuffle_buffer=64", "run.name=shards")
+    result = run_pretrain(cfg, echo=lambda *_: None)
+    assert result.metrics["step"] == 40 and result.metrics["epoch"] >= 1  # 480 rows / 16 = 30 steps per epoch
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("albef-ray").experiment_id])[0]
+    assert run.data.tags["dataset"] == str(data)
+    hist = sorted(client.get_metric_history(run.info.run_id, "mlm_loss"), key=lambda m: m.step)
+    mlm = [m.value for m in hist]
+    assert sum(mlm[-5:]) / 5 < sum(mlm[:5]) / 5 - 0.5, mlm
+    assert sum(m.value for m in client.get_metric_history(run.info.run_id, "dropped_rows")) == 0

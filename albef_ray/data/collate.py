@@ -1,0 +1,118 @@
+"""Tokenisation and batch collation: a numpy batch of rows -> a dict of tensors (no Ray).
+
+The collated batch holds tensors only, so a Ray iterator can move it to the device whole::
+
+    image           float32 (B, 3, R, R)   normalised (uint8 input is normalised here)
+    input_ids       int64   (B, T)         [CLS] caption [SEP] [PAD]..., T = longest <= max_text_len
+    attention_mask  int64   (B, T)
+    num_dropped     int64   ()             rows of this batch whose image failed to decode
+
+``num_dropped`` adds up two sources: rows flagged ``valid == False`` in the input batch (removed
+here), and a ``num_dropped`` column already counted upstream (the Ray pipeline drops
+undecodable rows before batching so that training batches stay full; see
+:func:`albef_ray.data.transforms.transform_batch`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .tokenizer import load_tokenizer  # noqa: F401  (hub name, tokenizer dir or dataset root)
+from .transforms import normalize, pre_caption
+
+
+def tokenize(tokenizer, captions: Sequence[str], max_text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise captions as the official code does: pad to the longest, truncate at ``max_text_len``.
+
+    Returns:
+        ``input_ids`` and ``attention_mask``, int64 (B, T) with T <= ``max_text_len``.
+    """
+    if not captions:
+        empty = torch.zeros((0, 0), dtype=torch.int64)
+        return empty, empty.clone()
+    enc = tokenizer(
+        list(captions), padding="longest", truncation=True, max_length=max_text_len, return_tensors="pt"
+    )
+    return enc["input_ids"].to(torch.int64), enc["attention_mask"].to(torch.int64)
+
+
+def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    images = np.ascontiguousarray(images)
+    if images.dtype != np.uint8:  # already normalised (e.g. by pretrain_transform): a writable copy
+        return torch.tensor(images, dtype=torch.float32)
+    with warnings.catch_warnings():  # Ray hands out read-only arrays; normalize only reads it
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return normalize(torch.from_numpy(images))
+
+
+def collate_batch(
+    batch: Mapping[str, np.ndarray],
+    tokenizer,
+    max_text_len: int,
+    max_words: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Turn a numpy batch into model inputs, dropping and counting invalid rows.
+
+    Args:
+        batch: ``image`` (N, 3, R, R) uint8 or float32, ``caption`` (N,) strings; optional
+            ``valid`` (N,) bool (False rows are dropped and counted) and ``num_dropped``
+            (N,) int (counts from upstream, summed).
+        tokenizer: a Hugging Face fast tokenizer.
+        max_text_len: token limit.
+        max_words: clean captions with :func:`pre_caption` at this word limit first;
+            ``None`` when they were cleaned upstream.
+
+    Returns:
+        ``image``, ``input_ids``, ``attention_mask``, ``num_dropped`` (see the module doc).
+    """
+    images = batch["image"]
+    captions = batch["caption"]
+    dropped = int(np.asarray(batch["num_dropped"]).sum()) if "num_dropped" in batch else 0
+    if "valid" in batch:
+        valid = np.asarray(batch["valid"], dtype=bool)
+        dropped += int((~valid).sum())
+        images, captions = images[valid], np.asarray(captions, dtype=object)[valid]
+    texts = [str(c) for c in captions]
+    if max_words is not None:
+        texts = [pre_caption(c, max_words) for c in texts]
+    input_ids, attention_mask = tokenize(tokenizer, texts, max_text_len)
+    return {
+        "image": _images_to_tensor(images),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "num_dropped": torch.tensor(dropped, dtype=torch.int64),
+    }
+
+
+class CaptionCollator:
+    """A picklable collate that loads its tokenizer on first use (in the process that collates).
+
+    Args:
+        tokenizer: ``data.tokenizer``, a hub name or a local directory.
+        max_text_len: token limit.
+        max_words: see :func:`collate_batch`.
+    """
+
+    def __init__(self, tokenizer: str, max_text_len: int = 25, max_words: int | None = None):
+        self.tokenizer_name = tokenizer
+        self.max_text_len = max_text_len
+        self.max_words = max_words
+        self._tokenizer: Any = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Ship the name, not the loaded vocabulary: each worker loads its own copy.
+        return {**self.__dict__, "_tokenizer": None}
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return collate_batch(batch, self.tokenizer, self.max_text_len, self.max_words)
