@@ -79,6 +79,31 @@ def apply_op(img: Image.Image, name: str, magnitude: int, sign: float = 1.0) -> 
     return OPS[name](img, magnitude / MAX_LEVEL, sign)
 
 
+def sample_ops(
+    num_ops: int = 2, generator: torch.Generator | None = None, ops: tuple[str, ...] = ALBEF_OPS
+) -> list[tuple[str, float]]:
+    """Draw ``num_ops`` ops from ``ops`` with replacement; keep each with probability 0.5.
+
+    Returns:
+        ``(name, sign)`` of the ops that apply, in order; ``sign`` in {-1, +1} is the direction
+        of the geometric ops.
+    """
+    applied = []
+    for _ in range(num_ops):
+        name = ops[int(torch.randint(len(ops), (1,), generator=generator))]
+        u_apply, u_sign = torch.rand(2, generator=generator).tolist()
+        if u_apply < APPLY_PROB:
+            applied.append((name, -1.0 if u_sign < 0.5 else 1.0))
+    return applied
+
+
+def apply_ops(img: Image.Image, applied: list[tuple[str, float]], magnitude: int) -> Image.Image:
+    """Apply ``(name, sign)`` ops in order at ``magnitude``."""
+    for name, sign in applied:
+        img = apply_op(img, name, magnitude, sign)
+    return img
+
+
 def rand_augment(
     img: Image.Image,
     num_ops: int = 2,
@@ -86,7 +111,7 @@ def rand_augment(
     generator: torch.Generator | None = None,
     ops: tuple[str, ...] = ALBEF_OPS,
 ) -> Image.Image:
-    """Draw ``num_ops`` ops from ``ops`` with replacement; apply each with probability 0.5.
+    """The official ``RandomAugment(num_ops, magnitude, augs=ops)`` on an RGB PIL image.
 
     Args:
         img: an RGB PIL image.
@@ -98,9 +123,4 @@ def rand_augment(
     Returns:
         The augmented image (the input itself when no op applied).
     """
-    for _ in range(num_ops):
-        name = ops[int(torch.randint(len(ops), (1,), generator=generator))]
-        u_apply, u_sign = torch.rand(2, generator=generator).tolist()
-        if u_apply < APPLY_PROB:
-            img = apply_op(img, name, magnitude, -1.0 if u_sign < 0.5 else 1.0)
-    return img
+    return apply_ops(img, sample_ops(num_ops, generator, ops), magnitude)

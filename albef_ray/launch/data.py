@@ -82,11 +82,12 @@ def build_dataset(paths: list[str], split: str, cfg: AlbefConfig, training: bool
     """The streaming dataset of one split of caption shards.
 
     Args:
-        paths: dataset roots (local dirs or cloud URIs), each holding ``<split>/*.parquet``.
+        paths: dataset roots (local dirs or cloud URIs), read as :func:`shard_files` says.
         split: ``train``, ``val`` or ``test``.
         cfg: ``data.*`` sets the transform and batching; ``model`` the resolution.
         training: pretraining transform, file and row shuffles; else the evaluation transform
-            in file order.
+            and no shuffles (blocks may still arrive out of order unless Ray Data's
+            ``execution_options.preserve_order`` is set).
 
     Returns:
         A ``ray.data.Dataset`` of rows ``image`` uint8 (3, R, R), ``caption`` (cleaned),

@@ -6,7 +6,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as F
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 from albef_ray.data.collate import CaptionCollator, collate_batch, load_tokenizer, tokenize
 from albef_ray.data.randaugment import ALBEF_OPS, OPS, apply_op, rand_augment
@@ -15,6 +17,7 @@ from albef_ray.data.transforms import (
     STD,
     AugmentSpec,
     decode_image,
+    eval_image,
     eval_transform,
     normalize,
     pre_caption,
@@ -77,6 +80,15 @@ def test_crop_area_and_aspect_within_bounds(size):
         assert 3 / 4 - 1 / min(box.height, box.width) <= box.width / box.height <= 4 / 3 + 1 / min(box.height, box.width)
         fractions.append(fraction)
     assert min(fractions) < 0.3 and max(fractions) > 0.8  # the whole range is used
+
+
+def test_crop_is_torchvisions_resized_crop_at_the_sampled_box():
+    spec = AugmentSpec(40, flip_prob=0.0, randaug_ops=0)
+    box = sample_crop(96, 128, spec.crop_scale, generator=_gen(5))  # the transform's first draws
+    pixels = F.pil_to_tensor(Image.fromarray(_photo()))
+    expected = F.resized_crop(pixels, box.top, box.left, box.height, box.width, [40, 40],
+                              interpolation=InterpolationMode.BICUBIC, antialias=True)
+    assert torch.equal(pretrain_image(encode(_photo()), spec, _gen(5)), expected)
 
 
 def test_crop_falls_back_to_a_centred_box_for_extreme_aspect():
@@ -144,8 +156,9 @@ def test_eval_transform_is_deterministic_resize():
     data = encode(_photo(), "PNG")
     a, b = eval_transform(data, 48), eval_transform(data, 48)
     assert torch.equal(a, b) and a.shape == (3, 48, 48)
-    resized = Image.fromarray(_photo()).resize((48, 48), Image.BICUBIC)
-    torch.testing.assert_close(a, normalize(torch.from_numpy(np.array(resized)).permute(2, 0, 1)))
+    pil = torch.from_numpy(np.array(Image.fromarray(_photo()).resize((48, 48), Image.BICUBIC))).permute(2, 0, 1)
+    torch.testing.assert_close(a, normalize(pil), atol=1.01 / 255 / min(STD), rtol=0)  # PIL's bicubic, +-1 level
+    assert torch.equal(eval_image(data, 48), eval_image(data, 48)) and eval_image(data, 48).dtype == torch.uint8
 
 
 @pytest.mark.parametrize("bad", [b"", b"garbage", CORRUPT, encode(_photo(), "JPEG")[:300], encode(_photo())[:200]])
