@@ -186,11 +186,35 @@ class DataConfig(_Section):
         return self
 
 
+class EvalConfig(_Section):
+    """Image-text retrieval evaluation (official ``Retrieval.py`` ``evaluation()``).
+
+    Every image and caption of the split is embedded, the ITC similarity matrix ranks all
+    candidates, and each query's top ``k_test`` are re-scored with the fusion encoder's ITM head.
+    """
+
+    shards: list[str] = Field(
+        default_factory=list, description="Dataset dirs holding the eval split; empty = data.shards."
+    )
+    split: str = Field("test", description="Split to evaluate (held-out: val or test).")
+    k_test: int = Field(256, ge=1, description="Candidates re-ranked by ITM per query (COCO 256, Flickr30K 128).")
+    score: Literal["itm", "itm_itc"] = Field(
+        "itm", description="Re-rank score: ITM match logit (official ALBEF) or ITM + ITC similarity."
+    )
+    batch_size: int = Field(64, ge=1, description="Images or captions per embedding batch.")
+    rerank_batch: int = Field(256, ge=1, description="(query, candidate) pairs per fusion-encoder batch.")
+    max_images: int | None = Field(None, ge=1, description="Evaluate only the first N images (demos, sweeps).")
+    every_epoch: bool = Field(True, description="Fine-tuning: evaluate after every epoch, keep the best.")
+
+
 class AlbefConfig(_Section):
     """Root of the config tree."""
 
     name: str = "albef"
     seed: int = 42
+    task: Literal["pretrain", "retrieval"] = Field(
+        "pretrain", description="pretrain: ITC+ITM+MLM on captions; retrieval: fine-tuning with image-id-aware ITC/ITM."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     momentum: MomentumConfig = Field(default_factory=MomentumConfig)
     itc: ITCConfig = Field(default_factory=ITCConfig)
@@ -202,6 +226,7 @@ class AlbefConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     run: RunSettings = Field(default_factory=RunSettings)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _check_combination(self) -> "AlbefConfig":
