@@ -202,8 +202,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 # --------------------------------------------------------------------------- driver side
 
 
-def launch_pretrain(cfg: AlbefConfig, datasets: dict, steps_per_epoch: int, collate=None, special=None, iter_kwargs=None):
-    """Fit a TorchTrainer for ``cfg``; returns (ray.train.Result, RunPaths, tracking uri, run id)."""
+def launch_pretrain(
+    cfg: AlbefConfig, datasets: dict, steps_per_epoch: int, collate=None, special=None, iter_kwargs=None, callbacks=None
+):
+    """Fit a TorchTrainer for ``cfg``; returns (ray.train.Result, RunPaths, tracking uri, run id).
+
+    ``callbacks`` go to the Train ``RunConfig`` (a Tune sweep passes ``TuneReportCallback``).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -230,6 +235,7 @@ def launch_pretrain(cfg: AlbefConfig, datasets: dict, steps_per_epoch: int, coll
             name=paths.name, storage_path=str(paths.storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
     )
