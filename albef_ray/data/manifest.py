@@ -153,3 +153,30 @@ def tokenizer_dir(root: str | os.PathLike, manifest: Manifest | None = None) -> 
     """The dataset's own tokenizer directory (synthetic data), or ``None`` when it has none."""
     relative = (manifest or read_manifest(root)).get("tokenizer")
     return None if relative is None else _join(root, relative)
+
+
+def shard_files(paths: list[str], split: str) -> tuple[list[str], int | None]:
+    """The Parquet files of ``split`` under each dataset root, and their total rows if known.
+
+    A root with a ``manifest.json`` lists its shards (an unfinished build has none and is
+    read as a plain directory); otherwise ``<root>/<split>/`` (or the path itself when it
+    has no such folder) is read, and the row count comes from the Parquet footers.
+    """
+    files: list[str] = []
+    rows: int | None = 0
+    for path in paths:
+        try:
+            manifest = read_manifest(path)
+        except FileNotFoundError:
+            manifest = None
+        if manifest is not None:
+            files += shard_paths(path, split, manifest)
+            rows = None if rows is None else rows + manifest["splits"][split]["rows"]
+        elif "://" in path:
+            files.append(f"{path.rstrip('/')}/{split}")
+            rows = None
+        else:
+            root = Path(path).expanduser().resolve()
+            files.append(str(root / split) if (root / split).is_dir() else str(root))
+            rows = None
+    return files, rows

@@ -20,7 +20,6 @@ order, new row order, new augmentations.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,37 +28,10 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ..config import AlbefConfig, ConfigError
 from ..data.collate import CaptionCollator, load_tokenizer
-from ..data.manifest import read_manifest, shard_paths
+from ..data.manifest import shard_files
 from ..data.transforms import AugmentSpec, transform_batch
 
 READ_COLUMNS = ["image", "caption", "image_id"]
-
-
-def shard_files(paths: list[str], split: str) -> tuple[list[str], int | None]:
-    """The Parquet files of ``split`` under each dataset root, and their total rows if known.
-
-    A root with a ``manifest.json`` lists its shards (an unfinished build has none and is
-    read as a plain directory); otherwise ``<root>/<split>/`` (or the path itself when it
-    has no such folder) is read, and the row count comes from the Parquet footers.
-    """
-    files: list[str] = []
-    rows: int | None = 0
-    for path in paths:
-        try:
-            manifest = read_manifest(path)
-        except FileNotFoundError:
-            manifest = None
-        if manifest is not None:
-            files += shard_paths(path, split, manifest)
-            rows = None if rows is None else rows + manifest["splits"][split]["rows"]
-        elif "://" in path:
-            files.append(f"{path.rstrip('/')}/{split}")
-            rows = None
-        else:
-            root = Path(path).expanduser().resolve()
-            files.append(str(root / split) if (root / split).is_dir() else str(root))
-            rows = None
-    return files, rows
 
 
 def count_rows(paths: list[str], split: str) -> int:
