@@ -237,6 +237,13 @@ class AlbefConfig(_Section):
             raise _FieldError("itm.hard_negatives", "hard negatives are sampled from ITC similarities: enable itc")
         if self.mod.itc and not self.itc.enabled and self.mod.alpha > 0:
             raise _FieldError("mod.itc", "momentum distillation of ITC needs itc.enabled")
+        if self.task == "retrieval":  # official model_retrieval.py: ITC + ITM, no MLM
+            if self.mlm.enabled:
+                raise _FieldError("mlm.enabled", "retrieval fine-tuning has no MLM: set mlm.enabled=false")
+            if not self.itc.enabled:
+                raise _FieldError("itc.enabled", "retrieval fine-tuning needs ITC (image-id-aware targets)")
+            if not self.itm.enabled:
+                raise _FieldError("itm.enabled", "retrieval fine-tuning needs ITM: evaluation re-ranks with its head")
         if self.mod.mlm and not self.mlm.enabled and self.mod.alpha > 0:
             raise _FieldError("mod.mlm", "momentum distillation of MLM needs mlm.enabled")
         from .model.registry import list_sizes  # the registry is plain data; no torch import cost here

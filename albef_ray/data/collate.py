@@ -6,6 +6,8 @@ The collated batch holds tensors only, so a Ray iterator can move it to the devi
     input_ids       int64   (B, T)         [CLS] caption [SEP] [PAD]..., T = longest <= max_text_len
     attention_mask  int64   (B, T)
     num_dropped     int64   ()             rows of this batch whose image failed to decode
+    image_idx       int64   (B,)           only when the input has it: the image index of each
+                                           row (equal for captions of one image; retrieval)
 
 ``num_dropped`` adds up two sources: rows flagged ``valid == False`` in the input batch (removed
 here), and a ``num_dropped`` column already counted upstream (the Ray pipeline drops
@@ -68,25 +70,31 @@ def collate_batch(
             ``None`` when they were cleaned upstream.
 
     Returns:
-        ``image``, ``input_ids``, ``attention_mask``, ``num_dropped`` (see the module doc).
+        ``image``, ``input_ids``, ``attention_mask``, ``num_dropped``, and ``image_idx`` when
+        the batch has that column (see the module doc).
     """
     images = batch["image"]
     captions = batch["caption"]
+    image_idx = np.asarray(batch["image_idx"], dtype=np.int64) if "image_idx" in batch else None
     dropped = int(np.asarray(batch["num_dropped"]).sum()) if "num_dropped" in batch else 0
     if "valid" in batch:
         valid = np.asarray(batch["valid"], dtype=bool)
         dropped += int((~valid).sum())
         images, captions = images[valid], np.asarray(captions, dtype=object)[valid]
+        image_idx = None if image_idx is None else image_idx[valid]
     texts = [str(c) for c in captions]
     if max_words is not None:
         texts = [pre_caption(c, max_words) for c in texts]
     input_ids, attention_mask = tokenize(tokenizer, texts, max_text_len)
-    return {
+    out = {
         "image": _images_to_tensor(images),
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "num_dropped": torch.tensor(dropped, dtype=torch.int64),
     }
+    if image_idx is not None:
+        out["image_idx"] = torch.from_numpy(image_idx.copy())
+    return out
 
 
 class CaptionCollator:

@@ -24,6 +24,10 @@ image with all its captions as one line; an empty caption skips that caption onl
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
+
+import numpy as np
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
@@ -57,3 +61,19 @@ SKIP_REASONS = (
 def shard_name(index: int) -> str:
     """File name of shard ``index`` of a split, e.g. ``part-00003.parquet``."""
     return f"part-{index:05d}.parquet"
+
+
+def image_indices(sources: Iterable[str], image_ids: Iterable[str]) -> np.ndarray:
+    """A stable int64 per image: 8-byte BLAKE2b of ``source`` NUL ``image_id``, shifted to 63 bits.
+
+    Retrieval fine-tuning treats pairs with equal indices as captions of one image. The value
+    depends on the two strings only (not on the process, worker, shard or Python's hash
+    seed), so every worker and every epoch agree; it is never negative, which leaves
+    negative values free as "no image" markers (the ITC index queue starts at -1). Two
+    distinct images collide with probability about n^2 / 2^64.
+    """
+    out = [
+        int.from_bytes(hashlib.blake2b(f"{s}\0{i}".encode(), digest_size=8).digest(), "little") >> 1
+        for s, i in zip(sources, image_ids, strict=True)
+    ]
+    return np.array(out, dtype=np.int64)

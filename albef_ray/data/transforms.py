@@ -36,6 +36,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from .randaugment import apply_ops, sample_ops
+from .schema import image_indices
 
 log = logging.getLogger(__name__)
 
@@ -311,15 +312,17 @@ def transform_batch(
     ``num_dropped`` column of the first row (all rows dropped: the count is only logged).
 
     Args:
-        batch: columns ``image`` (encoded bytes), ``caption``, ``image_id`` of N rows.
+        batch: columns ``image`` (encoded bytes), ``caption``, ``image_id`` and optionally
+            ``source`` (missing: ``""``) of N rows.
         spec: transform settings.
         training: pretraining transform and in-batch shuffle; else the evaluation transform.
         max_words: caption word limit.
         generator: source of every random draw.
 
     Returns:
-        ``image`` uint8 (n, 3, R, R), ``caption`` (cleaned), ``image_id``, ``num_dropped``
-        int64 (n,), for the n <= N decodable rows.
+        ``image`` uint8 (n, 3, R, R), ``caption`` (cleaned), ``image_id``, ``image_idx``
+        int64 (n,) (:func:`~albef_ray.data.schema.image_indices` of source and image id: equal
+        for captions of one image), ``num_dropped`` int64 (n,), for the n <= N decodable rows.
     """
     res = spec.image_res
     images, kept = [], []
@@ -338,9 +341,12 @@ def transform_batch(
     if kept:
         num_dropped[0] = dropped
     captions = batch["caption"]
+    image_ids = [str(batch["image_id"][k]) for k in kept]
+    sources = [str(batch["source"][k]) for k in kept] if "source" in batch else [""] * len(kept)
     return {
         "image": torch.stack(images).numpy() if images else np.zeros((0, 3, res, res), np.uint8),
         "caption": np.array([pre_caption(str(captions[k]), max_words) for k in kept], dtype=object),
-        "image_id": np.array([str(batch["image_id"][k]) for k in kept], dtype=object),
+        "image_id": np.array(image_ids, dtype=object),
+        "image_idx": image_indices(sources, image_ids),
         "num_dropped": num_dropped,
     }

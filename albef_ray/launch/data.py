@@ -31,7 +31,7 @@ from ..data.collate import CaptionCollator, load_tokenizer
 from ..data.manifest import shard_files
 from ..data.transforms import AugmentSpec, transform_batch
 
-READ_COLUMNS = ["image", "caption", "image_id"]
+READ_COLUMNS = ["image", "caption", "image_id", "source"]
 
 
 def count_rows(paths: list[str], split: str) -> int:
@@ -63,7 +63,8 @@ def build_dataset(paths: list[str], split: str, cfg: AlbefConfig, training: bool
 
     Returns:
         A ``ray.data.Dataset`` of rows ``image`` uint8 (3, R, R), ``caption`` (cleaned),
-        ``image_id``, ``num_dropped`` (see :func:`albef_ray.data.transforms.transform_batch`).
+        ``image_id``, ``image_idx`` (int64), ``num_dropped`` (see
+        :func:`albef_ray.data.transforms.transform_batch`).
     """
     import ray.data
 
@@ -83,9 +84,9 @@ def build_dataset(paths: list[str], split: str, cfg: AlbefConfig, training: bool
 class CaptionCollate(NumpyBatchCollateFn):
     """``iter_torch_batches(collate_fn=...)``: tokenise, normalise, sum ``num_dropped``.
 
-    Returns tensors only (``image``, ``input_ids``, ``attention_mask``, ``num_dropped``), so
-    Ray moves the whole batch to the worker's device. The tokenizer is loaded from
-    ``data.tokenizer`` on first use in the process that collates.
+    Returns tensors only (``image``, ``input_ids``, ``attention_mask``, ``num_dropped``,
+    ``image_idx``), so Ray moves the whole batch to the worker's device. The tokenizer is
+    loaded from ``data.tokenizer`` on first use in the process that collates.
 
     Args:
         tokenizer: hub name or local directory.

@@ -156,6 +156,8 @@ def albef_to_native(state: dict[str, torch.Tensor], text_layers: int) -> tuple[d
             native["model.temp"] = value
         elif key in ("image_queue", "text_queue", "queue_ptr"):
             native[f"momentum.{key}"] = value
+        elif key == "idx_queue":  # fine-tuned retrieval releases: (1, K) image ids of the queue
+            native["momentum.index_queue"] = value.reshape(-1).long()
         else:
             unused.append(key)
     for suffix, sub in text.items():
@@ -190,4 +192,6 @@ def native_to_albef(state: dict[str, torch.Tensor], text_layers: int, finetuned:
     for name in ("image_queue", "text_queue", "queue_ptr"):
         if f"momentum.{name}" in state:
             out[name] = state[f"momentum.{name}"]
+    if "momentum.index_queue" in state:
+        out["idx_queue"] = state["momentum.index_queue"].reshape(1, -1)
     return out

@@ -112,11 +112,13 @@ def read_albef_checkpoint(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_albef_checkpoint(target: nn.Module, path: str) -> LoadReport:
-    """A released ALBEF (or albef-ray) ``.pth`` into a :class:`PretrainTask` (online + momentum + queues) or an ALBEF.
+    """A released ALBEF (or albef-ray) ``.pth`` into a task (online + momentum + queues) or an ALBEF.
 
+    A task is a :class:`PretrainTask` or :class:`RetrievalTask` (``.model``, ``.momentum``).
     Without ``*_m`` keys (fine-tuned releases) the momentum encoder copies the online weights.
     """
     from ..objectives.pretrain import PretrainTask
+    from ..objectives.retrieval import RetrievalTask
 
     state = read_albef_checkpoint(path)
     if state and all(k.startswith(("model.", "momentum.")) for k in state):
@@ -124,7 +126,7 @@ def load_albef_checkpoint(target: nn.Module, path: str) -> LoadReport:
     else:
         native, unused = albef_to_native(state, _arch_of(target).text_layers)
     report = LoadReport(path, unused=unused)
-    if isinstance(target, PretrainTask):
+    if isinstance(target, (PretrainTask, RetrievalTask)):
         if target.momentum is None:
             report.unused += [k for k in native if k.startswith("momentum.")]
             native = {k: v for k, v in native.items() if not k.startswith("momentum.")}

@@ -30,9 +30,19 @@ class MomentumEncoder(nn.Module):
     """EMA copy of the ALBEF encoders plus image/text feature queues of length K.
 
     Queues are stored (E, K) like the official code, so ``feat @ queue`` gives similarities.
+    With ``index_queue`` (retrieval fine-tuning) a third queue (K,) holds each queued pair's
+    image index, so a caption of the same image in the queue is a positive too; -1 marks a
+    slot that holds no known image (never equal to a real index, which is >= 0).
     """
 
-    def __init__(self, model: ALBEF, momentum: float = 0.995, queue_size: int = 65536, use_queue: bool = True):
+    def __init__(
+        self,
+        model: ALBEF,
+        momentum: float = 0.995,
+        queue_size: int = 65536,
+        use_queue: bool = True,
+        index_queue: bool = False,
+    ):
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
@@ -45,6 +55,10 @@ class MomentumEncoder(nn.Module):
         self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, self.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, self.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # None keeps the key out of the state dict: pretraining checkpoints are unchanged.
+        self.register_buffer(
+            "index_queue", torch.full((self.queue_size,), -1, dtype=torch.long) if index_queue else None
+        )
 
     def _pairs(self, model: ALBEF) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         online = dict(model.named_parameters())
@@ -64,8 +78,18 @@ class MomentumEncoder(nn.Module):
         torch._foreach_add_(p_m, p, alpha=1.0 - m)
 
     @torch.no_grad()
-    def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, gather=concat_all_gather) -> None:
-        """Write the global batch's momentum features (B*world, E) at the pointer, wrapping."""
+    def enqueue(
+        self, image_feat: torch.Tensor, text_feat: torch.Tensor, gather=concat_all_gather, index: torch.Tensor | None = None
+    ) -> None:
+        """Write the global batch's momentum features (B*world, E) at the pointer, wrapping.
+
+        ``index`` (B,) int64, the image index of each pair, is required exactly when the
+        encoder keeps an ``index_queue``.
+        """
+        if (index is None) != (self.index_queue is None):
+            raise ValueError("enqueue: pass `index` if and only if the encoder has an index_queue")
+        if index is not None:
+            index = gather(index)
         image_feat, text_feat = gather(image_feat), gather(text_feat)
         n = image_feat.shape[0]
         if self.queue_size % n:
@@ -73,4 +97,6 @@ class MomentumEncoder(nn.Module):
         ptr = int(self.queue_ptr)
         self.image_queue[:, ptr : ptr + n] = image_feat.T.to(self.image_queue.dtype)
         self.text_queue[:, ptr : ptr + n] = text_feat.T.to(self.text_queue.dtype)
+        if index is not None:
+            self.index_queue[ptr : ptr + n] = index
         self.queue_ptr[0] = (ptr + n) % self.queue_size

@@ -6,19 +6,25 @@ import torch
 import torch.nn.functional as F
 
 
-def _sample_rows(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _sample_rows(
+    weights: torch.Tensor, generator: torch.Generator | None, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """One column per row, P(j) proportional to ``weights[i, j]``; never the diagonal.
 
     Robust where the official code raised "invalid multinomial distribution": non-finite or
     negative weights are zeroed, and a row with no mass left falls back to uniform over the
-    off-diagonal columns.
+    columns it may take. ``exclude`` (B, B) bool forbids more columns (retrieval: the other
+    captions of the same image); a row whose every other column is excluded (the whole
+    batch shows one image) can only fall back to uniform over the off-diagonal columns.
     """
     b = weights.shape[0]
     w = torch.nan_to_num(weights.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
     off_diag = ~torch.eye(b, dtype=torch.bool, device=w.device)
-    w = w * off_diag
+    allowed = off_diag if exclude is None else off_diag & ~exclude.to(w.device)
+    allowed = torch.where(allowed.any(dim=1, keepdim=True), allowed, off_diag)
+    w = w * allowed
     empty = w.sum(dim=1) <= 0
-    w = torch.where(empty[:, None], off_diag.float(), w)
+    w = torch.where(empty[:, None], allowed.float(), w)
     return torch.multinomial(w, 1, generator=generator).squeeze(1)
 
 
@@ -29,14 +35,17 @@ def sample_negatives(
     hard: bool,
     generator: torch.Generator | None = None,
     device: torch.device | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each text a negative image, for each image a negative text.
 
     Args:
         sim_i2t, sim_t2i: (B, >=B) similarities; the first B columns are the batch. Used only
-            when ``hard`` (negatives drawn from softmax over the batch, positive excluded).
+            when ``hard`` (negatives drawn from softmax over the allowed batch columns).
         batch: B (>= 2).
-        hard: hard negatives; False samples uniformly among the other B - 1 items.
+        hard: hard negatives; False samples uniformly among the allowed items.
+        exclude: (B, B) bool, True where item j must not be row i's negative (retrieval:
+            the same image, ``image_idx[i] == image_idx[j]``); the positive i is always excluded.
 
     Returns:
         ``neg_image`` (B,): image index for text i; ``neg_text`` (B,): text index for image i.
@@ -45,11 +54,16 @@ def sample_negatives(
         raise ValueError("ITM negatives need a batch of at least 2")
     with torch.no_grad():
         if hard:
-            w_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1)
-            w_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1)
+            # Softmax over the allowed columns only (= zero the rest and renormalise, without
+            # underflowing when the excluded columns held all the mass).
+            forbidden = torch.eye(batch, dtype=torch.bool, device=sim_t2i.device)
+            if exclude is not None:
+                forbidden = forbidden | exclude.to(sim_t2i.device)
+            w_t2i = F.softmax(sim_t2i[:, :batch].float().masked_fill(forbidden, float("-inf")), dim=1)
+            w_i2t = F.softmax(sim_i2t[:, :batch].float().masked_fill(forbidden, float("-inf")), dim=1)
         else:
             w_t2i = w_i2t = torch.ones(batch, batch, device=device)
-        return _sample_rows(w_t2i, generator), _sample_rows(w_i2t, generator)
+        return _sample_rows(w_t2i, generator, exclude), _sample_rows(w_i2t, generator, exclude)
 
 
 def itm_loss(logits: torch.Tensor, num_positive: int) -> dict[str, torch.Tensor]:

@@ -52,6 +52,7 @@ class PretrainTask(nn.Module):
         mlm_input: tuple[torch.Tensor, torch.Tensor] | None = None,
         itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_outputs: bool = False,
+        image_idx: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One pretraining step's losses.
 
@@ -63,6 +64,8 @@ class PretrainTask(nn.Module):
             mlm_input: (masked_ids, labels) to use instead of sampling a mask.
             itm_negatives: (neg_image (B,), neg_text (B,)) instead of sampling negatives.
             return_outputs: also return similarities and full ITM / MLM logits (fidelity checks).
+            image_idx: ignored (shard batches carry it for retrieval fine-tuning); pretraining
+                treats every pair as its own image, as the paper does.
 
         Returns:
             ``loss`` (weighted sum), each enabled ``*_loss``, and detached metrics.
@@ -180,11 +183,17 @@ class PretrainTask(nn.Module):
         return out
 
 
-def build_task(cfg: AlbefConfig, special: SpecialTokens = SpecialTokens()) -> PretrainTask:
-    """Model from ``cfg.model`` (weights loaded per config) wrapped in the pretraining task."""
-    from ..model.loading import build_model_from_config, load_albef_checkpoint
+def build_task(cfg: AlbefConfig, special: SpecialTokens = SpecialTokens()) -> nn.Module:
+    """Model from ``cfg.model`` (weights loaded per config) wrapped in the task ``cfg.task`` names.
 
-    task = PretrainTask(build_model_from_config(cfg), cfg, special)
+    ``pretrain``: :class:`PretrainTask`; ``retrieval``:
+    :class:`~albef_ray.objectives.retrieval.RetrievalTask`.
+    """
+    from ..model.loading import build_model_from_config, load_albef_checkpoint
+    from .retrieval import RetrievalTask
+
+    task_class = RetrievalTask if cfg.task == "retrieval" else PretrainTask
+    task = task_class(build_model_from_config(cfg), cfg, special)
     if cfg.model.checkpoint:
         log.info("%s", load_albef_checkpoint(task, cfg.model.checkpoint))
     return task

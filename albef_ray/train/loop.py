@@ -28,6 +28,9 @@ Batch = Mapping[str, object]
 # Optional micro-batch entries handed to ``PretrainTask.forward`` as they are (tests and
 # fidelity checks fix masks and negatives with them).
 FORWARD_KEYS = ("mlm_input", "itm_negatives")
+# Optional per-row tensors split with the batch and handed to the task's forward
+# (``image_idx``: retrieval fine-tuning's image index; the pretraining task ignores it).
+ROW_KEYS = ("image_idx",)
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def train_step(
         batch: a dict with ``image`` (B, 3, H, W), ``input_ids`` and ``attention_mask``
             (B, T), split into ``cfg.optim.grad_accum`` micro-batches; or a list of such
             micro-batch dicts, used as given (these may carry ``mlm_input`` /
-            ``itm_negatives`` for the task).
+            ``itm_negatives`` for the task). An ``image_idx`` (B,) entry is passed on too.
         step: 0-based optimizer step; sets lr (:func:`lr_at`) and alpha (:func:`alpha_at`).
         cfg: the config tree (reads ``optim``, ``mod``, ``train.precision``).
         schedule: step counts of the run.
@@ -136,7 +139,7 @@ def train_step(
             with autocast_context(cfg.train.precision, device):
                 out = task(
                     mb["image"], mb["input_ids"], mb["attention_mask"], alpha=alpha, generator=generator,
-                    **{k: mb[k] for k in FORWARD_KEYS if k in mb},
+                    **{k: mb[k] for k in FORWARD_KEYS + ROW_KEYS if k in mb},
                 )
             (out["loss"] * weight).backward()
         scalars = {
