@@ -1,0 +1,258 @@
+"""Zero-shot image-text retrieval: ITC ranks everything, the ITM head re-ranks each query's top k.
+
+The procedure of the official ``Retrieval.py`` ``evaluation()``, computed differently:
+
+1. Every image and caption is embedded once (batches of ``eval.batch_size``): image tokens
+   (N_img, L, Dv), text hidden states (N_txt, T, C), and their ITC features.
+2. ``sims = image_feat @ text_feat.T`` (cosine similarities); each image query keeps its
+   ``k = eval.k_test`` most similar captions, each caption query its k most similar images.
+3. The (image, caption) pairs of both directions are pooled and de-duplicated (a pair in
+   both top-k lists is fused once), sorted by image, and fused ``eval.rerank_batch`` pairs
+   per call. Pairs of one image share its cross-attention keys and values through the
+   fusion encoder's ``image_index``; padding beyond the batch's longest caption is cut.
+   The official code instead makes one fusion call of k pairs per query (N_img + N_txt
+   calls), projecting a candidate image's keys and values again in every call.
+4. A re-ranked entry scores the ITM "match" logit (``eval.score: itm``, as ALBEF) or that
+   plus its ITC similarity (``itm_itc``, as BLIP). Entries outside a query's top k keep
+   their ITC order but are shifted strictly below the query's lowest re-ranked score, so
+   the re-rank only reorders the top k (the official code writes -100 there, which ties
+   them all).
+
+Eval mode and ``no_grad`` throughout; the model's train/eval mode is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..config import AlbefConfig, ConfigError, EvalConfig
+from ..data.collate import tokenize
+from ..data.transforms import normalize
+from ..model.albef import ALBEF
+from ..train.loop import autocast_context
+from .metrics import recall_metrics
+from .split import RetrievalSplit
+
+
+def as_albef(model: nn.Module) -> ALBEF:
+    """The ALBEF inside a DDP wrapper or a task object (``task.model``)."""
+    model = getattr(model, "module", model)
+    if not isinstance(model, ALBEF) and isinstance(getattr(model, "model", None), ALBEF):
+        model = model.model
+    if not isinstance(model, ALBEF):
+        raise TypeError(f"expected an ALBEF (or a task holding one), got {type(model).__name__}")
+    return model
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+def embed_images(
+    model: ALBEF, images: torch.Tensor, batch_size: int, device: torch.device, precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, R, R), ``uint8`` or normalised float -> tokens (N, L, Dv), ITC features (N, E)."""
+    tokens, feats = [], []
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start : start + batch_size]
+        chunk = normalize(chunk) if chunk.dtype == torch.uint8 else chunk.float()
+        with autocast_context(precision, device):
+            t = model.encode_image(chunk.to(device, non_blocking=True))  # (b, L, Dv)
+        tokens.append(t)
+        feats.append(model.image_features(t.float()))  # heads in fp32: no bf16 ties in the ranking
+    return torch.cat(tokens), torch.cat(feats)
+
+
+def embed_texts(
+    model: ALBEF,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions (N, T) -> text hidden states (N, T, C), ITC features (N, E)."""
+    hidden, feats = [], []
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start : start + batch_size].to(device)
+        mask = attention_mask[start : start + batch_size].to(device)
+        with autocast_context(precision, device):
+            h = model.encode_text(ids, mask)  # (b, T, C)
+        hidden.append(h)
+        feats.append(model.text_features(h.float()))
+    return torch.cat(hidden), torch.cat(feats)
+
+
+# ----------------------------------------------------------------------------- re-ranking
+
+
+def itm_scores(
+    model: ALBEF,
+    image_tokens: torch.Tensor,
+    text_hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_idx: torch.Tensor,
+    text_idx: torch.Tensor,
+    batch_size: int,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """ITM "match" logits of the pairs (image_idx[p], text_idx[p]), ``batch_size`` pairs per call.
+
+    Within a call each distinct image is passed once and its pairs point at it through
+    ``image_index``, so its cross-attention keys and values are projected once; sort the
+    pairs by image to make the most of it.
+
+    Returns:
+        (P,) float32.
+    """
+    device = image_tokens.device
+    out = torch.empty(image_idx.shape[0], dtype=torch.float32, device=device)
+    lengths = attention_mask.sum(dim=1)
+    for start in range(0, image_idx.shape[0], batch_size):
+        img = image_idx[start : start + batch_size]
+        txt = text_idx[start : start + batch_size]
+        images, local = torch.unique(img, return_inverse=True)  # (M,), (b,)
+        t = int(lengths[txt].max())  # right padding beyond the longest caption changes nothing
+        with autocast_context(precision, device):
+            fused = model.fuse(text_hidden[txt, :t], attention_mask[txt, :t], image_tokens[images], local)
+        out[start : start + batch_size] = model.itm_logits(fused[:, :1].float())[:, 1]
+    return out
+
+
+def _rerank_batched(model, image_tokens, text_hidden, mask, top_i2t, top_t2i, batch_size, precision):
+    n_txt = text_hidden.shape[0]
+    k_i2t, k_t2i = top_i2t.shape[1], top_t2i.shape[1]
+    keys_i2t = torch.arange(top_i2t.shape[0], device=top_i2t.device)[:, None] * n_txt + top_i2t  # (N_img, k)
+    keys_t2i = top_t2i * n_txt + torch.arange(n_txt, device=top_t2i.device)[:, None]  # (N_txt, k)
+    # Sorted unique keys are image-major: the pairs of one image sit together.
+    keys, inverse = torch.unique(torch.cat([keys_i2t.reshape(-1), keys_t2i.reshape(-1)]), return_inverse=True)
+    scores = itm_scores(model, image_tokens, text_hidden, mask, keys // n_txt, keys % n_txt, batch_size, precision)
+    n_i2t = keys_i2t.numel()
+    return scores[inverse[:n_i2t]].view(-1, k_i2t), scores[inverse[n_i2t:]].view(-1, k_t2i)
+
+
+def _rerank_per_query(model, image_tokens, text_hidden, mask, top_i2t, top_t2i, precision):
+    """The official loop: one fusion call of k pairs per image query, then per caption query."""
+    i2t = torch.stack([
+        itm_scores(model, image_tokens, text_hidden, mask, torch.full_like(idx, i), idx, idx.numel(), precision)
+        for i, idx in enumerate(top_i2t)
+    ])
+    t2i = torch.stack([
+        itm_scores(model, image_tokens, text_hidden, mask, idx, torch.full_like(idx, j), idx.numel(), precision)
+        for j, idx in enumerate(top_t2i)
+    ])
+    return i2t, t2i
+
+
+def fill_outside_topk(sims: torch.Tensor, top_idx: torch.Tensor, top_scores: torch.Tensor) -> torch.Tensor:
+    """Scores of every candidate: the re-ranked ``top_scores`` at ``top_idx``, ITC order elsewhere.
+
+    Args:
+        sims: (Q, C) ITC similarities.
+        top_idx: (Q, k) re-ranked candidates of each query.
+        top_scores: (Q, k) their new scores.
+
+    Returns:
+        (Q, C): row q holds ``top_scores[q]`` at ``top_idx[q]``; every other entry is its
+        similarity shifted by a per-row constant so that the largest lies 1 below the row's
+        lowest re-ranked score (order among them kept, all ranked after the top k).
+    """
+    top_scores = torch.nan_to_num(top_scores.float(), nan=float("-inf"))
+    outside = torch.ones_like(sims, dtype=torch.bool).scatter_(1, top_idx, False)
+    highest_outside = sims.masked_fill(~outside, float("-inf")).amax(dim=1)  # (Q,)
+    shift = top_scores.amin(dim=1) - 1 - highest_outside
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))  # no outside entries
+    return (sims + shift[:, None]).scatter_(1, top_idx, top_scores)
+
+
+@torch.no_grad()
+def retrieval_scores(
+    model: nn.Module,
+    images: torch.Tensor | RetrievalSplit,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    eval_cfg: EvalConfig,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+    per_query: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score matrices of a split: ITC for everything, ITM (or ITM + ITC) for each query's top k.
+
+    Args:
+        model: an ALBEF (or a DDP wrapper / task holding one).
+        images: (N_img, 3, R, R) ``uint8`` or normalised float, or a :class:`RetrievalSplit`.
+        input_ids, attention_mask: (N_txt, T) tokenised captions, right-padded.
+        eval_cfg: ``k_test``, ``score``, ``batch_size``, ``rerank_batch``.
+        device: where to compute (default: the model's).
+        precision: ``"bf16"`` autocasts the encoders; projections and heads stay fp32.
+        per_query: the official loop (one fusion call per query), for reference and benchmarks.
+
+    Returns:
+        ``score_i2t`` (N_img, N_txt) and ``score_t2i`` (N_txt, N_img), float32 on ``device``.
+    """
+    albef = as_albef(model)
+    device = torch.device(device) if device is not None else next(albef.parameters()).device
+    if isinstance(images, RetrievalSplit):
+        images = images.images
+    was_training = albef.training
+    albef.eval()
+    try:
+        image_tokens, image_feat = embed_images(albef, images, eval_cfg.batch_size, device, precision)
+        text_hidden, text_feat = embed_texts(albef, input_ids, attention_mask, eval_cfg.batch_size, device, precision)
+        mask = attention_mask.to(device)
+        sims = image_feat @ text_feat.T  # (N_img, N_txt) cosine similarities
+        top_i2t = sims.topk(min(eval_cfg.k_test, sims.shape[1]), dim=1).indices  # (N_img, k)
+        top_t2i = sims.T.topk(min(eval_cfg.k_test, sims.shape[0]), dim=1).indices  # (N_txt, k)
+        if per_query:
+            itm_i2t, itm_t2i = _rerank_per_query(albef, image_tokens, text_hidden, mask, top_i2t, top_t2i, precision)
+        else:
+            itm_i2t, itm_t2i = _rerank_batched(
+                albef, image_tokens, text_hidden, mask, top_i2t, top_t2i, eval_cfg.rerank_batch, precision
+            )
+        if eval_cfg.score == "itm_itc":
+            itm_i2t = itm_i2t + sims.gather(1, top_i2t)
+            itm_t2i = itm_t2i + sims.T.gather(1, top_t2i)
+        return fill_outside_topk(sims, top_i2t, itm_i2t), fill_outside_topk(sims.T.contiguous(), top_t2i, itm_t2i)
+    finally:
+        albef.train(was_training)
+
+
+def evaluate(
+    model: nn.Module,
+    split: RetrievalSplit,
+    tokenizer,
+    cfg: AlbefConfig,
+    device: torch.device | str | None = None,
+    log_fn: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Recall@1/5/10 of ``model`` on ``split`` (see :func:`~albef_ray.eval.metrics.recall_metrics`).
+
+    Args:
+        model: an ALBEF (or a DDP wrapper / task holding one).
+        split: from :func:`~albef_ray.eval.split.load_split`.
+        tokenizer: a Hugging Face tokenizer (``data.tokenizer``).
+        cfg: reads ``eval``, ``data.max_text_len`` and ``train.precision``.
+        device: default: the model's.
+        log_fn: receives one line with the timing, if given.
+
+    Returns:
+        The recall metrics, ``num_images``, ``num_texts`` and ``eval_seconds``.
+    """
+    albef = as_albef(model)
+    if len(tokenizer) > albef.arch.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer: {len(tokenizer)} tokens, more than the model's vocabulary of {albef.arch.vocab_size}"
+        )
+    start = time.perf_counter()
+    input_ids, attention_mask = tokenize(tokenizer, split.captions, cfg.data.max_text_len)
+    score_i2t, score_t2i = retrieval_scores(
+        albef, split.images, input_ids, attention_mask, cfg.eval, device, cfg.train.precision
+    )
+    metrics = recall_metrics(score_i2t, score_t2i, split.txt2img.to(score_i2t.device), split.img2txt)
+    seconds = time.perf_counter() - start
+    if log_fn is not None:
+        log_fn(f"retrieval: {split.num_images} images x {split.num_texts} captions in {seconds:.1f} s")
+    return {**metrics, "num_images": split.num_images, "num_texts": split.num_texts, "eval_seconds": seconds}
