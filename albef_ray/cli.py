@@ -7,6 +7,7 @@ Subcommands::
     albef-ray pretrain         --config F  [a.b=c ...]   pretrain on Ray Train (--local: one process)
     albef-ray data build OUT --source SPEC [...]         image-caption inputs -> Parquet shards + manifest
     albef-ray data synth OUT [--train N ...]             generate the embedded benchmark and its tokenizer
+    albef-ray eval retrieval --config F [--checkpoint P]  zero-shot image-text retrieval, Recall@1/5/10
 
 Config problems exit with status 2 and one line naming the dotted path, never a traceback;
 so do bad data-build arguments (an unknown source format, an output holding another dataset).
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="no progress bar (there is none anyway when stderr is not a terminal)"
     )
     _add_data_commands(commands)
+    _add_eval_commands(commands)
     return parser
 
 
@@ -306,6 +308,70 @@ def _data(args: argparse.Namespace) -> int:
         return 130
 
 
+def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint: zero-shot image-text retrieval")
+    actions = evaluate.add_subparsers(dest="eval_command", required=True, metavar="TASK")
+    retrieval = actions.add_parser(
+        "retrieval", help="Recall@1/5/10 of text and image retrieval on eval.split",
+        description="Embed every image and caption of eval.split (eval.shards, else data.shards), rank "
+        "by ITC similarity, re-rank each query's top eval.k_test with the ITM head (eval.score: itm | "
+        "itm_itc), and report Recall@1/5/10 of text retrieval (an image's best-ranked caption) and image "
+        "retrieval. Prints a table, writes --out, and logs to MLflow (tracking.enabled): into the "
+        "training run of the checkpoint when its run directory names one, else into --run-id or a new run.",
+    )
+    _add_config_args(retrieval, required=True)
+    retrieval.add_argument(
+        "--checkpoint", metavar="PATH",
+        help="checkpoint directory (state.pt), run directory (its latest checkpoint_*), or .pth file "
+        "(default: model.checkpoint; none: the initial weights)",
+    )
+    retrieval.add_argument("--out", metavar="FILE", help="write the metrics as JSON to FILE")
+    retrieval.add_argument("--run-id", metavar="ID", help="log into this MLflow run instead of the checkpoint's")
+
+
+def _recall_table(metrics: dict[str, float]) -> str:
+    lines = [f"{'':>16}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean':>8}"]
+    for name, prefix in (("text retrieval", "txt"), ("image retrieval", "img")):
+        values = [metrics[f"{prefix}_r{k}"] for k in (1, 5, 10)] + [metrics[f"{prefix}_r_mean"]]
+        lines.append(f"{name:>16}" + "".join(f"{v:8.2f}" for v in values))
+    lines.append(f"{'r_mean':>16}{metrics['r_mean']:8.2f}")
+    return "\n".join(lines)
+
+
+def _eval_retrieval(cfg: AlbefConfig, args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .eval.checkpoint import checkpoint_step, evaluate_checkpoint, resolve_checkpoint
+
+    checkpoint = args.checkpoint or cfg.model.checkpoint
+    try:
+        weights = resolve_checkpoint(checkpoint) if checkpoint else None
+        print(f"albef-ray eval retrieval: {cfg.model.size} from {weights or 'its initial weights'}")
+        metrics = evaluate_checkpoint(cfg, weights)
+    except OSError as err:  # a missing checkpoint, shard or tokenizer
+        print(f"albef-ray: eval error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"split {cfg.eval.split}: {metrics['num_images']} images, {metrics['num_texts']} captions"
+        f" ({metrics['skipped_images']} undecodable skipped) | k_test {cfg.eval.k_test} | score {cfg.eval.score}"
+        f" | {metrics['eval_seconds']:.1f} s"
+    )
+    print(_recall_table(metrics))
+    step = checkpoint_step(weights) if weights and weights.name == "state.pt" else None
+    if args.out:
+        record = {"split": cfg.eval.split, "checkpoint": str(weights) if weights else None, "step": step,
+                  "k_test": cfg.eval.k_test, "score": cfg.eval.score, **metrics}
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"metrics: {args.out}")
+    if cfg.tracking.enabled:
+        from .eval.tracking import log_retrieval
+
+        uri, run_id = log_retrieval(cfg, metrics, weights, args.run_id, step)
+        print(f"MLflow run {run_id} in {uri}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``albef-ray``; returns the exit status."""
     parser = build_parser()
@@ -316,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"show": _config_show, "validate": _config_validate}.get(getattr(args, "config_command", None))
     if args.command == "pretrain":
         handler = _pretrain
+    if args.command == "eval":
+        handler = {"retrieval": _eval_retrieval}[args.eval_command]
     try:
         cfg = load_config(args.config, args.overrides)
         return handler(cfg, args)

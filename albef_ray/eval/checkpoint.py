@@ -104,11 +104,12 @@ def evaluate_checkpoint(
     from ..train.loop import resolve_device
 
     start = time.perf_counter()
+    paths = eval_paths(cfg) if split is None else []  # a config error before any loading
     device = torch.device(device) if device is not None else resolve_device(cfg)
     model = load_eval_model(cfg, checkpoint).to(device)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if split is None:
-        split = load_split(eval_paths(cfg), cfg.eval.split, cfg)
+        split = load_split(paths, cfg.eval.split, cfg)
     metrics = evaluate(model, split, tokenizer, cfg, device)
     metrics["eval_seconds"] = time.perf_counter() - start
     metrics["skipped_images"] = split.num_skipped

@@ -171,3 +171,14 @@ def test_itm_itc_adds_the_similarity_and_the_model_mode_is_restored(tiny_inputs)
     sims = _sims(model, images, ids, mask)
     top = sims.topk(3, dim=1).indices
     torch.testing.assert_close(both[0].gather(1, top), itm[0].gather(1, top) + sims.gather(1, top))
+
+
+def test_the_evaluation_package_imports_without_ray_or_mlflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, albef_ray.eval, albef_ray.eval.checkpoint; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,79 @@
+"""Evaluation results to MLflow: into the run that trained the checkpoint, else a run of their own.
+
+A training run's id is recovered from its run directory: ``albef-ray pretrain`` (and
+``finetune``) write ``<run dir>/mlflow_run_id.txt`` when they open the MLflow run, and Ray
+Train puts checkpoints in ``<run dir>/checkpoint_*``. The store is the training run's: its
+``tracking.tracking_uri``, ``$MLFLOW_TRACKING_URI``, or ``<run dir>/../mlflow.db``.
+
+Metrics are named ``<split>/<key>`` (``test/txt_r1``, ``test/r_mean``) and logged at the
+checkpoint's optimizer step, so a run can hold several splits and checkpoints side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from ..config import AlbefConfig
+from ..launch.tracking import RUN_ID_FILE, open_run, resolve_tracking_uri
+
+
+def find_run_dir(checkpoint: str | Path | None) -> Path | None:
+    """The training run directory above ``checkpoint`` (the first holding ``mlflow_run_id.txt``)."""
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint).expanduser().resolve()
+    for folder in [path, *path.parents][:4]:  # state.pt -> checkpoint_N -> run dir
+        if (folder / RUN_ID_FILE).is_file():
+            return folder
+    return None
+
+
+def log_retrieval(
+    cfg: AlbefConfig,
+    metrics: dict[str, float],
+    checkpoint: str | Path | None = None,
+    run_id: str | None = None,
+    step: int | None = None,
+) -> tuple[str, str]:
+    """Log ``metrics`` of ``cfg.eval.split`` to MLflow; returns (tracking URI, run id).
+
+    Args:
+        cfg: ``tracking.*`` (URI, experiment) and ``eval.*`` (logged as tags).
+        metrics: from :func:`~albef_ray.eval.evaluate_checkpoint`.
+        checkpoint: the evaluated checkpoint; its run directory names the training run.
+        run_id: log into this run instead of the checkpoint's (e.g. ``--run-id``).
+        step: the checkpoint's optimizer step (default 0).
+    """
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    run_dir = find_run_dir(checkpoint)
+    storage = run_dir.parent if run_dir is not None else Path(cfg.run.storage_path).expanduser().resolve()
+    uri = resolve_tracking_uri(cfg, storage)
+    client = MlflowClient(tracking_uri=uri)
+    if run_id is None and run_dir is not None:
+        run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    own_run = run_id is None
+    if own_run:
+        tags = {"kind": "eval", "model.size": cfg.model.size, **cfg.tracking.tags}
+        with tempfile.TemporaryDirectory() as scratch:  # open_run's resume marker is not wanted here
+            run_id = open_run(cfg, uri, Path(scratch), f"{cfg.name}-eval-{cfg.eval.split}", tags)
+    split = cfg.eval.split
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"{split}/{k}", float(v), now, step or 0) for k, v in metrics.items()])
+    for key, value in {
+        f"eval.{split}.checkpoint": str(checkpoint) if checkpoint else "initial weights",
+        f"eval.{split}.k_test": str(cfg.eval.k_test),
+        f"eval.{split}.score": cfg.eval.score,
+    }.items():
+        client.set_tag(run_id, key, value)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / f"retrieval_{split}.json"
+        path.write_text(json.dumps({"split": split, "checkpoint": str(checkpoint), "step": step, **metrics}, indent=2))
+        client.log_artifact(run_id, str(path))
+    if own_run:
+        client.set_terminated(run_id, status="FINISHED")
+    return uri, run_id
