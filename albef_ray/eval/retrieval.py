@@ -89,6 +89,12 @@ def embed_texts(
 # ----------------------------------------------------------------------------- re-ranking
 
 
+def _itm_logits(model, text_hidden, attention_mask, image_tokens, image_index, precision) -> torch.Tensor:
+    with autocast_context(precision, image_tokens.device):
+        fused = model.fuse(text_hidden, attention_mask, image_tokens, image_index)  # (b, T, C)
+    return model.itm_logits(fused[:, :1].float())[:, 1]  # head in fp32
+
+
 def itm_scores(
     model: ALBEF,
     image_tokens: torch.Tensor,
@@ -102,8 +108,9 @@ def itm_scores(
     """ITM "match" logits of the pairs (image_idx[p], text_idx[p]), ``batch_size`` pairs per call.
 
     Within a call each distinct image is passed once and its pairs point at it through
-    ``image_index``, so its cross-attention keys and values are projected once; sort the
-    pairs by image to make the most of it.
+    ``image_index``, so its cross-attention keys and values are projected once, and captions
+    are cut to the call's longest: order the pairs by caption length, then image, to make the
+    most of both.
 
     Returns:
         (P,) float32.
@@ -116,32 +123,42 @@ def itm_scores(
         txt = text_idx[start : start + batch_size]
         images, local = torch.unique(img, return_inverse=True)  # (M,), (b,)
         t = int(lengths[txt].max())  # right padding beyond the longest caption changes nothing
-        with autocast_context(precision, device):
-            fused = model.fuse(text_hidden[txt, :t], attention_mask[txt, :t], image_tokens[images], local)
-        out[start : start + batch_size] = model.itm_logits(fused[:, :1].float())[:, 1]
+        out[start : start + batch_size] = _itm_logits(
+            model, text_hidden[txt, :t], attention_mask[txt, :t], image_tokens[images], local, precision
+        )
     return out
 
 
 def _rerank_batched(model, image_tokens, text_hidden, mask, top_i2t, top_t2i, batch_size, precision):
-    n_txt = text_hidden.shape[0]
+    n_img, n_txt = image_tokens.shape[0], text_hidden.shape[0]
     k_i2t, k_t2i = top_i2t.shape[1], top_t2i.shape[1]
-    keys_i2t = torch.arange(top_i2t.shape[0], device=top_i2t.device)[:, None] * n_txt + top_i2t  # (N_img, k)
+    keys_i2t = torch.arange(n_img, device=top_i2t.device)[:, None] * n_txt + top_i2t  # (N_img, k)
     keys_t2i = top_t2i * n_txt + torch.arange(n_txt, device=top_t2i.device)[:, None]  # (N_txt, k)
-    # Sorted unique keys are image-major: the pairs of one image sit together.
     keys, inverse = torch.unique(torch.cat([keys_i2t.reshape(-1), keys_t2i.reshape(-1)]), return_inverse=True)
-    scores = itm_scores(model, image_tokens, text_hidden, mask, keys // n_txt, keys % n_txt, batch_size, precision)
+    image_idx, text_idx = keys // n_txt, keys % n_txt
+    # Caption length first (little padding per call), then image (shared keys and values).
+    order = torch.argsort(mask.sum(dim=1)[text_idx] * n_img + image_idx, stable=True)
+    scores = torch.empty(keys.shape[0], device=keys.device)
+    scores[order] = itm_scores(
+        model, image_tokens, text_hidden, mask, image_idx[order], text_idx[order], batch_size, precision
+    )
     n_i2t = keys_i2t.numel()
     return scores[inverse[:n_i2t]].view(-1, k_i2t), scores[inverse[n_i2t:]].view(-1, k_t2i)
 
 
 def _rerank_per_query(model, image_tokens, text_hidden, mask, top_i2t, top_t2i, precision):
-    """The official loop: one fusion call of k pairs per image query, then per caption query."""
+    """The official loop: per image query one fusion call of its k captions with the image
+    repeated k times, then per caption query one call of the caption repeated with its k
+    images; captions keep the split's padding."""
     i2t = torch.stack([
-        itm_scores(model, image_tokens, text_hidden, mask, torch.full_like(idx, i), idx, idx.numel(), precision)
+        _itm_logits(model, text_hidden[idx], mask[idx], image_tokens[i].expand(len(idx), -1, -1), None, precision)
         for i, idx in enumerate(top_i2t)
     ])
     t2i = torch.stack([
-        itm_scores(model, image_tokens, text_hidden, mask, idx, torch.full_like(idx, j), idx.numel(), precision)
+        _itm_logits(
+            model, text_hidden[j].expand(len(idx), -1, -1), mask[j].expand(len(idx), -1), image_tokens[idx], None,
+            precision,
+        )
         for j, idx in enumerate(top_t2i)
     ])
     return i2t, t2i
