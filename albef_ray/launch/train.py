@@ -120,6 +120,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     from ..objectives.mlm import SpecialTokens
     from ..objectives.pretrain import build_task
+    from .finetune import EpochEvaluator, evaluates_every_epoch
     from .tracking import MetricLogger
 
     cfg = build_config(loop_config["config"])
@@ -143,6 +144,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     schedule = Schedule(cfg.train.epochs * loop_config["steps_per_epoch"], loop_config["steps_per_epoch"])
     stop = min(schedule.total_steps, cfg.train.max_steps or schedule.total_steps)
     tracker = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 and loop_config.get("run_id") else None
+    # Retrieval fine-tuning: rank 0 evaluates at epoch ends; the other ranks wait in report.
+    evaluator = EpochEvaluator(cfg, device, tracker) if rank == 0 and evaluates_every_epoch(cfg) else None
     shard = ray.train.get_dataset_shard("train")
     collate = loop_config.get("collate")
     window = _Window()
@@ -190,6 +193,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 if tracker is not None:
                     tracker.log(report, progress.step)
                     log.info(format_metrics(progress.step, stop, report))
+                if evaluator is not None and checkpoint:
+                    report.update(evaluator(task, progress.step, run=end_of_epoch or progress.step >= stop))
                 _report(report, progress, cfg, task, optimizer, generator, rank, checkpoint)
             if end_of_epoch:
                 break
@@ -212,6 +217,7 @@ def launch_pretrain(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from .finetune import checkpoint_config
     from .tracking import close_run, open_run, resolve_tracking_uri
 
     paths = run_paths(cfg)
@@ -233,7 +239,7 @@ def launch_pretrain(
         ),
         run_config=ray.train.RunConfig(
             name=paths.name, storage_path=str(paths.storage),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            checkpoint_config=checkpoint_config(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=callbacks,
         ),
@@ -263,13 +269,15 @@ def synthetic_rows(cfg: AlbefConfig, steps_per_epoch: int) -> list[dict]:
 
 
 def absolute_data_paths(cfg: AlbefConfig) -> AlbefConfig:
-    """Local data and tokenizer paths made absolute: Ray workers run in a session folder."""
+    """Local data, tokenizer and checkpoint paths made absolute: Ray workers run in a session folder."""
 
     def fix(path: str) -> str:
         return str(Path(path).resolve()) if "://" not in path and Path(path).exists() else path
 
     data = cfg.data.model_copy(update={"shards": [fix(p) for p in cfg.data.shards], "tokenizer": fix(cfg.data.tokenizer)})
-    return cfg.model_copy(update={"data": data})
+    evaluation = cfg.eval.model_copy(update={"shards": [fix(p) for p in cfg.eval.shards]})
+    model = cfg.model.model_copy(update={"checkpoint": cfg.model.checkpoint and fix(cfg.model.checkpoint)})
+    return cfg.model_copy(update={"data": data, "eval": evaluation, "model": model})
 
 
 def init_ray(cfg: AlbefConfig) -> None:
