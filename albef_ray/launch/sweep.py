@@ -1,0 +1,239 @@
+"""Ray Tune edge: a sweep file becomes one Tune trial per (variant, grid point, seed).
+
+Each trial is a Tune function trainable (the pattern Ray 2.60 supports for Train V2 inside
+Tune) that
+
+1. opens its MLflow child run under the sweep's parent run (params: the flattened config,
+   ``sweep`` and ``variant``; tags ``variant``, ``trial``, ``mlflow.parentRunId``),
+2. fits one ``TorchTrainer`` through :func:`launch_pretrain` with ``TuneReportCallback``, so
+   every rank-0 report is a Tune result and every step lands in the child run,
+3. evaluates the final checkpoint with zero-shot retrieval on the held-out split, as a Ray
+   task holding one train worker's resources (the trial's own workers are gone by then),
+   logs the recalls to the child run and reports them to Tune.
+
+Resources: the trial function only waits on its TorchTrainer, so it holds ``trial_cpus``
+(default 0: a memory-only bundle); the Train workers take ``train.num_workers x
+train.cpus_per_worker`` as in ``albef-ray pretrain``, and what is left decodes data. Holding
+a whole CPU per trial would starve Ray Data on a 2-core machine (see docs/sweeps.md).
+
+Layout under ``<run.storage_path>/<sweep name>/``: ``sweep.json`` (the expanded trials),
+``parent/mlflow_run_id.txt``, ``tune/`` (Tune's experiment state), ``trials/<key>/`` (each
+trial's Train checkpoints) and ``compare/``. Running the same command again resumes: Tune
+restores the experiment, finished trials are kept, unfinished and failed ones run again and
+their TorchTrainer continues from its last checkpoint in the same MLflow child run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..compare import TAG_ROLE, TAG_SWEEP, TAG_TRIAL, TAG_VARIANT, TAG_VARIANTS, PARENT_TAG
+from ..config import AlbefConfig, ConfigError, dump_yaml
+from ..sweep import Sweep, Trial, trial_config
+
+log = logging.getLogger(__name__)
+TRIALS_FILE = "sweep.json"
+Evaluator = Callable[..., dict]  # evaluate_checkpoint(cfg, checkpoint) -> metrics
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: Path
+    tracking_uri: str
+    parent_run_id: str
+    finished: list[str]
+    failed: dict[str, str]  # trial key -> error
+    resumed: bool
+
+
+def sweep_dir(sweep: Sweep) -> Path:
+    first = sweep.config(sweep.trials[0])
+    return Path(first.run.storage_path).expanduser().resolve() / sweep.spec.name
+
+
+def _check_same_sweep(directory: Path, trials: list[dict]) -> bool:
+    """True when ``directory`` holds this sweep already (resume); an error when another one."""
+    path = directory / TRIALS_FILE
+    if not path.exists():
+        return False
+    if json.loads(path.read_text()) != trials:
+        raise ConfigError(
+            f"{directory} holds a sweep with other trials (changed file or overrides); "
+            "rename the sweep or delete that folder to start afresh"
+        )
+    return True
+
+
+def _open_parent(sweep: Sweep, cfg: AlbefConfig, uri: str, directory: Path) -> str:
+    """The sweep's MLflow parent run: created once, reopened (``parent/mlflow_run_id.txt``) on resume."""
+    from .tracking import RUN_ID_FILE, _client, open_run
+
+    run_dir = directory / "parent"
+    existed = (run_dir / RUN_ID_FILE).exists()
+    tags = {
+        TAG_SWEEP: sweep.spec.name, TAG_ROLE: "parent", "model.size": cfg.model.size,
+        TAG_VARIANTS: json.dumps(list(sweep.spec.variants)),
+    }
+    # open_run logs the first trial's flattened config; the sweep's own settings follow.
+    run_id = open_run(cfg, uri, run_dir, sweep.spec.name, tags)
+    if not existed:
+        client = _client(uri)
+        for key, value in {
+            "sweep.file": str(sweep.path), "sweep.trials": len(sweep.trials), "sweep.seeds": json.dumps(sweep.spec.seeds),
+            "sweep.grid": json.dumps(sweep.spec.grid), "sweep.max_concurrent_trials": sweep.spec.max_concurrent_trials,
+        }.items():
+            client.log_param(run_id, key, str(value))
+        client.log_artifact(run_id, str(sweep.path))
+        client.log_artifact(run_id, str(directory / TRIALS_FILE))
+    return run_id
+
+
+def _trial_cfg(sweep: Sweep, trial: Trial, directory: Path, uri: str, parent_id: str) -> AlbefConfig:
+    from .train import absolute_data_paths
+
+    cfg = trial_config(sweep.base, trial)
+    tags = {
+        **cfg.tracking.tags, TAG_SWEEP: sweep.spec.name, TAG_ROLE: "trial", TAG_VARIANT: trial.variant,
+        TAG_TRIAL: trial.key, PARENT_TAG: parent_id,
+    }
+    cfg = cfg.model_copy(update={
+        "run": cfg.run.model_copy(update={"storage_path": str(directory / "trials"), "name": trial.key}),
+        "tracking": cfg.tracking.model_copy(update={"tracking_uri": uri, "tags": tags}),
+    })
+    return absolute_data_paths(cfg)
+
+
+def _train_inputs(cfg: AlbefConfig):
+    """(datasets, steps per epoch, collate, special tokens, iterator kwargs) as ``run_pretrain`` makes them."""
+    if cfg.data.shards:
+        from .data import build_pretrain_inputs, iter_kwargs
+
+        datasets, steps, collate, special = build_pretrain_inputs(cfg)
+        return datasets, steps, collate, special, iter_kwargs(cfg)
+    import ray.data
+
+    from .train import synthetic_rows
+
+    steps = cfg.train.steps_per_epoch or 50
+    return {"train": ray.data.from_items(synthetic_rows(cfg, steps))}, steps, None, None, None
+
+
+def _evaluate_task(evaluate: Evaluator, cfg_data: dict, checkpoint: str) -> dict:
+    import torch
+
+    from ..config import build_config
+
+    cfg = build_config(cfg_data)
+    torch.set_num_threads(max(1, round(cfg.train.cpus_per_worker)))  # Ray sets 1 thread in tasks
+    return evaluate(cfg, checkpoint)
+
+
+def make_trainable(sweep: Sweep, directory: Path, uri: str, parent_id: str, evaluate: Evaluator | None):
+    """The Tune function trainable; ``config["trial"]`` is a trial key."""
+    trials = {t.key: t for t in sweep.trials}
+
+    def albef_trial(config: dict) -> None:
+        import ray
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from ..eval.tracking import log_retrieval
+        from .tracking import _client, open_run
+        from .train import launch_pretrain
+
+        trial = trials[config["trial"]]
+        cfg = _trial_cfg(sweep, trial, directory, uri, parent_id)
+        run_dir = directory / "trials" / trial.key
+        # Opened here so the sweep's params go in first; launch_pretrain reopens it by run_dir.
+        run_id = open_run(cfg, uri, run_dir, trial.key, cfg.tracking.tags)
+        client = _client(uri)
+        client.log_param(run_id, "sweep", sweep.spec.name)
+        client.log_param(run_id, "variant", trial.variant)
+        datasets, steps, collate, special, loader_kwargs = _train_inputs(cfg)
+        result, _, _, _ = launch_pretrain(
+            cfg, datasets, steps, collate, special, loader_kwargs, callbacks=[TuneReportCallback()]
+        )
+        checkpoint = result.checkpoint.path
+        step = (result.metrics or {}).get("step")
+        evaluator = evaluate
+        if evaluator is None:
+            from ..eval import evaluate_checkpoint as evaluator
+        task = ray.remote(_evaluate_task).options(
+            num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0,
+            scheduling_strategy="DEFAULT",  # not inside this trial's (memory-only) placement group
+        )
+        try:
+            metrics = ray.get(task.remote(evaluator, cfg.model_dump(mode="json"), checkpoint))
+        except Exception:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        log_retrieval(cfg, metrics, checkpoint, run_id=run_id, step=step)
+        tune.report({**{k: float(v) for k, v in metrics.items()}, "step": step or 0})
+
+    return albef_trial
+
+
+def run_sweep(sweep: Sweep, echo=print, evaluate: Evaluator | None = None) -> SweepOutcome:
+    """Run (or resume) the sweep on Ray Tune; returns which trials finished and which failed."""
+    from ray import tune
+
+    from .tracking import _client, resolve_tracking_uri
+    from .train import init_ray
+
+    first = sweep.config(sweep.trials[0])
+    if not first.tracking.enabled:
+        raise ConfigError("tracking.enabled: sweeps are recorded and compared in MLflow; enable tracking")
+    directory = sweep_dir(sweep)
+    uri = resolve_tracking_uri(first, directory.parent)
+    trials = [t.to_dict() for t in sweep.trials]
+    resumed = _check_same_sweep(directory, trials)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / TRIALS_FILE).write_text(json.dumps(trials, indent=1))
+    parent_id = _open_parent(sweep, first, uri, directory)
+    (directory / "base.yaml").write_text(dump_yaml(first))
+    echo(f"sweep {sweep.spec.name}: {len(trials)} trial(s), {sweep.spec.max_concurrent_trials} at a time; "
+         f"results in {directory}")
+    echo(f"MLflow parent run {parent_id} in {uri}")
+
+    init_ray(first)
+    head = {"CPU": sweep.spec.trial_cpus} if sweep.spec.trial_cpus else {"memory": 64 * 2**20}
+    trainable = tune.with_resources(
+        make_trainable(sweep, directory, uri, parent_id, evaluate), tune.PlacementGroupFactory([head])
+    )
+    param_space = {"trial": tune.grid_search([t.key for t in sweep.trials])}
+    tune_path = directory / "tune"
+    status = "FAILED"
+    try:
+        if resumed and tune.Tuner.can_restore(str(tune_path)):
+            echo("resuming: finished trials are kept, the others run (again)")
+            tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_errored=True, param_space=param_space)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=sweep.spec.max_concurrent_trials,
+                    trial_name_creator=lambda t: t.config["trial"], trial_dirname_creator=lambda t: t.config["trial"],
+                ),
+                run_config=tune.RunConfig(
+                    name="tune", storage_path=str(directory), verbose=1,
+                    failure_config=tune.FailureConfig(max_failures=sweep.spec.max_failures),
+                ),
+            )
+        grid = tuner.fit()
+        finished, failed = [], {}
+        for result in grid:
+            key = result.config["trial"]
+            if result.error is None:
+                finished.append(key)
+            else:
+                failed[key] = str(result.error).strip().splitlines()[-1][:300]
+        status = "FINISHED" if not failed else "FAILED"
+        if failed:
+            _client(uri).set_tag(parent_id, "failed_trials", ", ".join(sorted(failed)))
+        return SweepOutcome(directory, uri, parent_id, finished, failed, resumed)
+    finally:
+        _client(uri).set_terminated(parent_id, status=status)
