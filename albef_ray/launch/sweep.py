@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..compare import TAG_ROLE, TAG_SWEEP, TAG_TRIAL, TAG_VARIANT, TAG_VARIANTS, PARENT_TAG
-from ..config import AlbefConfig, ConfigError, dump_yaml
+from ..config import AlbefConfig, ConfigError, build_config, dump_yaml
 from ..sweep import Sweep, Trial, trial_config
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,9 @@ def _evaluate_task(evaluate: Evaluator, cfg_data: dict, checkpoint: str) -> dict
 def make_trainable(sweep: Sweep, directory: Path, uri: str, parent_id: str, evaluate: Evaluator | None):
     """The Tune function trainable; ``config["trial"]`` is a trial key."""
     trials = {t.key: t for t in sweep.trials}
+    # Built here, in the driver: relative data paths resolve against the caller's directory,
+    # not the Ray session folder the trial runs in.
+    configs = {t.key: _trial_cfg(sweep, t, directory, uri, parent_id).model_dump(mode="json") for t in sweep.trials}
 
     def albef_trial(config: dict) -> None:
         import ray
@@ -146,7 +149,7 @@ def make_trainable(sweep: Sweep, directory: Path, uri: str, parent_id: str, eval
         from .train import launch_pretrain
 
         trial = trials[config["trial"]]
-        cfg = _trial_cfg(sweep, trial, directory, uri, parent_id)
+        cfg = build_config(configs[trial.key])
         run_dir = directory / "trials" / trial.key
         # Opened here so the sweep's params go in first; launch_pretrain reopens it by run_dir.
         run_id = open_run(cfg, uri, run_dir, trial.key, cfg.tracking.tags)
