@@ -245,7 +245,8 @@ def compare_sweep(uri: str, out_dir: str | Path, sweep: str | None = None, run_i
     files[1].write_text(to_csv(rows))
     if rows:
         files.append(plot_recalls(rows, out / "recalls.png"))
-    curves = read_curves(client, trials)
+    rank = {name: i for i, name in enumerate(order)}
+    curves = read_curves(client, sorted(trials, key=lambda t: rank.get(t["variant"], len(rank))))  # legend order
     if curves:
         files.append(plot_loss_curves(curves, out / "loss_curves.png"))
     for path in files:
