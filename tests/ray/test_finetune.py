@@ -22,15 +22,6 @@ STEPS_PER_EPOCH, EPOCHS = 3, 3  # ~2 s per step here: Ray Data feeds 2 workers o
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     from albef_ray.cli import main
 

@@ -12,15 +12,6 @@ pytestmark = pytest.mark.ray
 DEMO = str(Path(__file__).resolve().parents[2] / "experiments" / "demo_cpu.yaml")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _cfg(tmp_path, *overrides):
     return load_config(DEMO, [
         f"run.storage_path={tmp_path}", "train.cpus_per_worker=0.5", "momentum.queue_size=64",

@@ -17,16 +17,12 @@ pytestmark = pytest.mark.ray
 ROWS, CORRUPT_ROW, EPOCHS = 41, 7, 2  # 40 decodable rows: an equal split over 2 workers
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
+@pytest.fixture(scope="module", autouse=True)
+def _pickle_this_module_by_value():
     import ray.cloudpickle
 
     # The loop and collate below travel by value: workers need not import the tests package.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _dataset(root: Path) -> None:

@@ -16,15 +16,6 @@ DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo_cpu.yaml"
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _write_sweep(root: Path, data: Path) -> Path:
     base = {
         "base": str(DEMO), "name": "sweep_test",
