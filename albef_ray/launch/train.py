@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import AlbefConfig, build_config
+from ..config import AlbefConfig, ConfigError, build_config
 from ..train.checkpoint import TrainProgress, load_training_state, save_training_state
 from ..train.loop import Schedule, format_metrics, train_step
 from ..train.optim import build_optimizer
@@ -268,15 +268,44 @@ def synthetic_rows(cfg: AlbefConfig, steps_per_epoch: int) -> list[dict]:
     return rows
 
 
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def looks_local(path: str) -> bool:
+    """Whether a weights setting names a local path rather than a timm tag or hub name."""
+    if "://" in path:
+        return False
+    first = Path(path).parts[0] if Path(path).parts else ""
+    return (
+        path.startswith(("/", "./", "../", "~")) or path.endswith(_WEIGHT_SUFFIXES)
+        or ("/" in path and Path(first).is_dir())
+    )
+
+
+def check_local_weights(cfg: AlbefConfig) -> None:
+    """A local ``model.vit_init`` / ``bert_init`` / ``checkpoint`` that is missing fails here, before Ray."""
+    for key in ("vit_init", "bert_init", "checkpoint"):
+        path = getattr(cfg.model, key)
+        if path and looks_local(path) and not Path(path).expanduser().exists():
+            raise ConfigError(f"model.{key}: {path} does not exist")
+
+
 def absolute_data_paths(cfg: AlbefConfig) -> AlbefConfig:
-    """Local data, tokenizer and checkpoint paths made absolute: Ray workers run in a session folder."""
+    """Local data, tokenizer and weight paths made absolute: Ray workers run in a session folder.
+
+    Raises:
+        ConfigError: a local weights path (:func:`check_local_weights`) does not exist.
+    """
+    check_local_weights(cfg)
 
     def fix(path: str) -> str:
         return str(Path(path).resolve()) if "://" not in path and Path(path).exists() else path
 
     data = cfg.data.model_copy(update={"shards": [fix(p) for p in cfg.data.shards], "tokenizer": fix(cfg.data.tokenizer)})
     evaluation = cfg.eval.model_copy(update={"shards": [fix(p) for p in cfg.eval.shards]})
-    model = cfg.model.model_copy(update={"checkpoint": cfg.model.checkpoint and fix(cfg.model.checkpoint)})
+    model = cfg.model.model_copy(
+        update={key: getattr(cfg.model, key) and fix(getattr(cfg.model, key)) for key in ("checkpoint", "vit_init", "bert_init")}
+    )
     return cfg.model_copy(update={"data": data, "eval": evaluation, "model": model})
 
 

@@ -1,6 +1,8 @@
 """Driver-side path handling: Ray workers run in a session folder, so local paths go absolute."""
 
-from albef_ray.config import build_config
+import pytest
+
+from albef_ray.config import ConfigError, build_config
 from albef_ray.launch.train import absolute_data_paths, run_paths
 
 
@@ -14,8 +16,25 @@ def test_local_data_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
     assert absolute_data_paths(build_config({})).data.tokenizer == "bert-base-uncased"  # a hub name
 
 
+def test_local_init_weights_become_absolute_and_hub_names_stay(tmp_path, monkeypatch):
+    (tmp_path / "init" / "bert").mkdir(parents=True)
+    (tmp_path / "init" / "vit.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    out = absolute_data_paths(build_config({"model": {"vit_init": "init/vit.pth", "bert_init": "init/bert"}}))
+    assert (out.model.vit_init, out.model.bert_init) == (str(tmp_path / "init" / "vit.pth"), str(tmp_path / "init" / "bert"))
+    hub = absolute_data_paths(build_config({}))
+    assert (hub.model.vit_init, hub.model.bert_init) == ("deit_base_patch16_224.fb_in1k", "bert-base-uncased")
+
+
 def test_run_paths_are_absolute_and_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     paths = run_paths(build_config({"name": "exp", "run": {"storage_path": "runs"}}))
     assert paths.storage == tmp_path / "runs" and paths.name.startswith("exp-")
     assert run_paths(build_config({"run": {"name": "fixed"}})).name == "fixed"
+
+
+@pytest.mark.parametrize("key, path", [("vit_init", "init/vit.pth"), ("bert_init", "./init/bert"), ("checkpoint", "/no/such/ALBEF.pth")])
+def test_a_missing_local_weights_path_fails_before_ray(tmp_path, monkeypatch, key, path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"model.{key}: {path} does not exist"):
+        absolute_data_paths(build_config({"model": {key: path}}))
