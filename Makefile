@@ -14,10 +14,12 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -e '.[dev]'
 	touch $@
 
-# The paper's Table 1 on the synthetic benchmark: generate it (once), run the four variants on
-# Ray Tune (albef_tiny, CPU), print the comparison. Run again to resume an interrupted sweep.
+# The paper's Table 1 on the synthetic benchmark: generate it and its unimodal initial weights
+# (once), run the four variants on Ray Tune (albef_tiny, CPU), print the comparison. Run again
+# to resume an interrupted sweep.
 demo: $(STAMP)
 	test -f runs/synth/manifest.json || $(VENV)/bin/albef-ray data synth runs/synth --no-progress
+	test -f runs/synth/init/report.json || $(VENV)/bin/albef-ray data synth-init runs/synth
 	$(VENV)/bin/albef-ray sweep ablations/table1.yaml
 
 # One pretraining run on generated tensors (about a minute).

@@ -143,5 +143,20 @@ def build_pretrain_inputs(cfg: AlbefConfig):
                 f"data.shards: {rows} training rows make no global batch of "
                 f"train.batch_size x train.num_workers = {global_batch}"
             )
+    quiet_progress_off_terminal()
     dataset = build_dataset(cfg.data.shards, "train", cfg, training=True)
     return {"train": dataset}, steps, CaptionCollate.from_config(cfg), SpecialTokens.from_tokenizer(tokenizer)
+
+
+def quiet_progress_off_terminal() -> None:
+    """Ray Data's progress bars only when a person watches (stderr is a terminal).
+
+    Under a Tune trial, ``ray job submit`` or a redirected log they print a screenful per
+    second between the training lines. The setting travels with the datasets built after it.
+    """
+    import sys
+
+    import ray.data
+
+    if not sys.stderr.isatty():
+        ray.data.DataContext.get_current().enable_progress_bars = False

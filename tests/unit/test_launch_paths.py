@@ -38,3 +38,22 @@ def test_a_missing_local_weights_path_fails_before_ray(tmp_path, monkeypatch, ke
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=f"model.{key}: {path} does not exist"):
         absolute_data_paths(build_config({"model": {key: path}}))
+
+
+def test_ray_data_progress_bars_only_on_a_terminal(monkeypatch):
+    import io
+
+    import ray.data
+
+    from albef_ray.launch.data import quiet_progress_off_terminal
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    tty = io.StringIO()
+    tty.isatty = lambda: True
+    monkeypatch.setattr("sys.stderr", tty)
+    quiet_progress_off_terminal()
+    assert ctx.enable_progress_bars is True
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a log file, a Tune trial, `ray job submit`
+    quiet_progress_off_terminal()
+    assert ctx.enable_progress_bars is False
