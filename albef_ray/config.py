@@ -198,8 +198,9 @@ class EvalConfig(_Section):
     )
     split: str = Field("test", description="Split to evaluate (held-out: val or test).")
     k_test: int = Field(256, ge=1, description="Candidates re-ranked by ITM per query (COCO 256, Flickr30K 128).")
-    score: Literal["itm", "itm_itc"] = Field(
-        "itm", description="Re-rank score: ITM match logit (official ALBEF) or ITM + ITC similarity."
+    score: Literal["itm", "itm_itc", "itc"] = Field(
+        "itm",
+        description="Re-rank score: ITM match logit (official ALBEF), ITM + ITC similarity, or itc: no re-rank.",
     )
     batch_size: int = Field(64, ge=1, description="Images or captions per embedding batch.")
     rerank_batch: int = Field(256, ge=1, description="(query, candidate) pairs per fusion-encoder batch.")

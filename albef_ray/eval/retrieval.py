@@ -13,7 +13,8 @@ The procedure of the official ``Retrieval.py`` ``evaluation()``, computed differ
    The official code instead makes one fusion call of k pairs per query (N_img + N_txt
    calls), projecting a candidate image's keys and values again in every call.
 4. A re-ranked entry scores the ITM "match" logit (``eval.score: itm``, as ALBEF) or that
-   plus its ITC similarity (``itm_itc``, as BLIP). Entries outside a query's top k keep
+   plus its ITC similarity (``itm_itc``, as BLIP); ``itc`` skips the re-rank (ITC alone, for
+   models or ablations without a trained ITM head). Entries outside a query's top k keep
    their ITC order but are shifted strictly below the query's lowest re-ranked score, so
    the re-rank only reorders the top k (the official code writes -100 there, which ties
    them all).
@@ -221,6 +222,8 @@ def retrieval_scores(
         text_hidden, text_feat = embed_texts(albef, input_ids, attention_mask, eval_cfg.batch_size, device, precision)
         mask = attention_mask.to(device)
         sims = image_feat @ text_feat.T  # (N_img, N_txt) cosine similarities
+        if eval_cfg.score == "itc":  # ITC alone: no fusion pass
+            return sims, sims.T.contiguous()
         top_i2t = sims.topk(min(eval_cfg.k_test, sims.shape[1]), dim=1).indices  # (N_img, k)
         top_t2i = sims.T.topk(min(eval_cfg.k_test, sims.shape[0]), dim=1).indices  # (N_txt, k)
         if per_query:

@@ -173,6 +173,16 @@ def test_itm_itc_adds_the_similarity_and_the_model_mode_is_restored(tiny_inputs)
     torch.testing.assert_close(both[0].gather(1, top), itm[0].gather(1, top) + sims.gather(1, top))
 
 
+def test_itc_score_is_the_similarity_matrix_and_never_fuses(tiny_inputs, monkeypatch):
+    model, images, ids, mask = tiny_inputs
+    model.eval()
+    monkeypatch.setattr(model, "fuse", lambda *a, **k: pytest.fail("score=itc must not run the fusion encoder"))
+    i2t, t2i = retrieval_scores(model, images, ids, mask, EvalConfig(k_test=3, score="itc"))
+    sims = _sims(model, images, ids, mask)
+    torch.testing.assert_close(i2t, sims)
+    torch.testing.assert_close(t2i, sims.T)
+
+
 def test_the_evaluation_package_imports_without_ray_or_mlflow():
     import subprocess
     import sys
