@@ -150,7 +150,9 @@ class ReferencePretrainStep(nn.Module):
         ids[rand] = torch.randint(self.vocab, ids.shape)[rand]
         return ids, labels
 
-    def forward(self, image, ids, att, alpha=0.4):
+    def forward(self, image, ids, att, alpha=0.4, mlm_input=None, itm_negatives=None):
+        """The official loss; ``mlm_input`` (masked ids, labels) and ``itm_negatives``
+        (neg_image, neg_text) replace the official sampling, as PretrainTask accepts them."""
         n = self.net
         with torch.no_grad():
             n.temp.clamp_(0.001, 0.5)
@@ -185,19 +187,22 @@ class ReferencePretrainStep(nn.Module):
             w_i2t.fill_diagonal_(0)
             w_t2i = F.softmax(sim_t2i[:, :bs], 1) + 1e-4
             w_t2i.fill_diagonal_(0)
-        image_neg = torch.stack([image_embeds[torch.multinomial(w_t2i[b], 1).item()] for b in range(bs)])
-        neg_idx = [torch.multinomial(w_i2t[b], 1).item() for b in range(bs)]
+        if itm_negatives is None:
+            image_neg = torch.stack([image_embeds[torch.multinomial(w_t2i[b], 1).item()] for b in range(bs)])
+            neg_idx = [torch.multinomial(w_i2t[b], 1).item() for b in range(bs)]
+        else:
+            image_neg, neg_idx = image_embeds[itm_negatives[0]], itm_negatives[1]
         text_neg, att_neg = text_embeds[neg_idx], att[neg_idx]
         out_neg = n.text_encoder.bert("fusion", torch.cat([att, att_neg]), encoder_embeds=torch.cat([text_embeds, text_neg]),
                                       encoder_hidden_states=torch.cat([image_neg, image_embeds]))
         vl = n.itm_head(torch.cat([out_pos[:, 0], out_neg[:, 0]]))
         loss_itm = F.cross_entropy(vl, torch.cat([torch.ones(bs), torch.zeros(2 * bs)]).long())
 
-        masked, labels = self._mask(ids)
+        masked, labels = self._mask(ids) if mlm_input is None else mlm_input
         with torch.no_grad():
             logits_m = n.text_encoder_m.cls(n.text_encoder_m.bert("multi_modal", att, input_ids=masked, encoder_hidden_states=image_embeds_m))
         logits = n.text_encoder.cls(n.text_encoder.bert("multi_modal", att, input_ids=masked, encoder_hidden_states=image_embeds))
         loss_ce = F.cross_entropy(logits.view(-1, self.vocab), labels.view(-1))
         distill = -(F.log_softmax(logits, -1) * F.softmax(logits_m, -1)).sum(-1)[labels != -100].mean()
         loss_mlm = (1 - alpha) * loss_ce + alpha * distill
-        return {"loss": loss_mlm + loss_ita + loss_itm}
+        return {"loss": loss_mlm + loss_ita + loss_itm, "itc_loss": loss_ita, "itm_loss": loss_itm, "mlm_loss": loss_mlm}
