@@ -13,7 +13,8 @@ What DDP guarantees here, and what it does not:
 * With ITC on (``full``: ITC + ITM + MLM, MoD alpha = 0.4), the guarantee is per rank: rank r's
   loss is the loss one process computes on rank r's rows from the same state, and the
   all-reduced gradient is the mean of those per-rank gradients. After the step the queue holds
-  the momentum features of all 2B rows in rank order, at the same pointer, on every rank.
+  the momentum features of all 2B rows in rank order, at the same pointer, on every rank,
+  and (rows carrying ``image_idx``, some images twice) the index queue their image indices.
 * ``rowwise_accum``: the same with 2 micro-batches of B/2 per rank (DDP's ``no_sync`` on the
   first): still exactly 1 x 2B, EMA included, since one optimizer step is one EMA update
   however many micro-batches and ranks make it (an EMA per micro-batch moved the momentum
@@ -101,11 +102,15 @@ def _global_batch(seed: int = 0) -> dict:
 
 NEG4 = (torch.tensor([1, 2, 3, 0]), torch.tensor([3, 0, 1, 2]))  # local to 4 rows, never the positive
 NEG2 = (torch.tensor([1, 0]), torch.tensor([1, 0]))
+# ``full``: two captions of one image on each rank (rows 0 and 2 of rank 0, 1 and 3 of rank 1,
+# never each other's NEG4 negative) and image 12 on both ranks.
+IMAGE_IDX = torch.tensor([10, 11, 10, 12, 12, 13, 14, 13])
 
 
 def _scenarios() -> tuple[list[dict], dict]:
     batch = _global_batch()
     per_rank = [_rows(batch, r * B, (r + 1) * B, NEG4) for r in range(WORLD)]
+    with_idx = [{**per_rank[r], "image_idx": IMAGE_IDX[r * B:(r + 1) * B]} for r in range(WORLD)]
     halves = [  # each rank: two micro-batches of B/2 rows
         [_rows(batch, r * B + h * 2, r * B + h * 2 + 2, NEG2) for h in range(2)] for r in range(WORLD)
     ]
@@ -123,7 +128,7 @@ def _scenarios() -> tuple[list[dict], dict]:
     micro = {
         "rowwise": [[per_rank[r]] for r in range(WORLD)],
         "rowwise_accum": halves,
-        "full": [[per_rank[r]] for r in range(WORLD)],
+        "full": [[with_idx[r]] for r in range(WORLD)],
         "nan": [[nan_ranks[r]] for r in range(WORLD)],  # masks and negatives sampled, as in training
     }
     scenarios = [
@@ -131,7 +136,7 @@ def _scenarios() -> tuple[list[dict], dict]:
          "micro": micro[name], "seed": 11}
         for name in CONFIGS
     ]
-    return scenarios, {"batch": batch, "per_rank": per_rank, "states": states}
+    return scenarios, {"batch": batch, "per_rank": with_idx, "states": states}
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +257,8 @@ def test_ddp_grad_accum_ema_matches_one_process_of_2b(ddp_runs, one_process_2b):
 
 def test_ddp_full_step_is_the_mean_of_per_rank_steps(ddp_runs):
     """ITC + ITM + MLM, MoD alpha 0.4: each rank's loss is its local loss, the gradient their mean,
-    and the queue gets every rank's momentum features in rank order, identically on every rank."""
+    and the queue gets every rank's momentum features (and image indices) in rank order,
+    identically on every rank."""
     ranks = _ranks(ddp_runs, "full")
     _bit_identical_across_ranks(ranks)
     inputs = ddp_runs[1]
@@ -268,6 +274,8 @@ def test_ddp_full_step_is_the_mean_of_per_rank_steps(ddp_runs):
     ptr = int(state["momentum.queue_ptr"])
     after = ranks[0]["state"]
     assert int(after["momentum.queue_ptr"]) == (ptr + WORLD * B) % QUEUE
+    assert "momentum.index_queue" in after, "no image index queue: image_idx is ignored"
+    assert torch.equal(after["momentum.index_queue"][ptr:ptr + WORLD * B], IMAGE_IDX)
     for q in ("image_queue", "text_queue"):
         written = torch.cat([local[r]["state"][f"momentum.{q}"][:, ptr:ptr + B] for r in range(WORLD)], dim=1)
         _close(after[f"momentum.{q}"][:, ptr:ptr + WORLD * B], written, q)
