@@ -1,24 +1,29 @@
 """Ray Data edge: Parquet caption shards -> decoded, augmented batches for Ray Train workers.
 
-The pipeline only chains the plain functions of :mod:`albef_ray.data`::
+Training reads a :class:`ShardStream`: the driver lists the split's files and row counts
+once; each worker, every epoch, runs its own pipeline over its windows of the epoch's
+deterministic order (:mod:`albef_ray.data.stream`)::
 
-    read_parquet(shards of <split>, shuffle="files") a new file order every epoch
-    -> repartition(target_num_rows_per_block=M)      streaming: blocks of M rows, so decode
-                                                     work spreads over every free CPU
-    -> map_batches(transform_batch)                  tasks: decode, crop, flip, RandAugment,
-                                                     clean captions, shuffle rows, drop and
-                                                     count undecodable rows
-    trainer side: iter_torch_batches(collate_fn=CaptionCollate(...), **iter_kwargs(cfg))
-                                                     local shuffle, tokenise, normalise
+    from_items(the worker's windows from its resume position)   one item per window
+    -> map_batches(decode_window)                  tasks: read only the window's row groups,
+                                                   decode, crop, flip, RandAugment (seeded per
+                                                   row), clean captions, drop and count
+                                                   undecodable rows
+    -> iter_torch_batches(collate_fn=StreamCollate, preserve_order)
+                                                   tokenise, normalise, in stream order
 
-Images cross the object store as ``uint8`` and are normalised in the collate (4x fewer bytes
-than ``float32``). Ray Train splits the dataset across workers with ``streaming_split``, so
-each worker reads a disjoint shard, and every epoch re-executes the pipeline: new file
-order, new row order, new augmentations.
+The order is a function of (seed, epoch): no file shuffle, shuffle buffer or block
+randomisation of Ray Data's (their orders differ run to run). A resumed worker starts at its
+stream position (the row after its last trained one) without reading what lies before it.
+Images cross the object store as ``uint8`` and are normalised in the collate.
+
+:func:`build_dataset` is the unordered pipeline (file shuffle, Ray's splits), kept for
+benchmarks and evaluation-style reads.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -29,19 +34,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ..config import AlbefConfig, ConfigError
 from ..data.collate import CaptionCollator, load_tokenizer
 from ..data.manifest import shard_files
+from ..data.stream import READ_COLUMNS, EpochOrder, Window, decode_window, file_row_counts, list_parquet
 from ..data.transforms import AugmentSpec, transform_batch
-
-READ_COLUMNS = ["image", "caption", "image_id", "source"]
-
-
-def count_rows(paths: list[str], split: str) -> int:
-    """Rows of a split: from the manifests, else from the Parquet footers (no data read)."""
-    import pyarrow.dataset as pads
-
-    files, rows = shard_files(paths, split)
-    if rows is not None:
-        return rows
-    return sum(pads.dataset(f, format="parquet").count_rows() for f in files)
 
 
 def _decode_task(batch: dict[str, np.ndarray], spec: AugmentSpec, training: bool, max_words: int) -> dict:
@@ -106,6 +100,78 @@ class CaptionCollate(NumpyBatchCollateFn):
         return self.collator(batch)
 
 
+class StreamCollate(CaptionCollate):
+    """:class:`CaptionCollate` plus ``position`` (int64 (B,)): each row's worker-stream position."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        out = super().__call__(batch)
+        out["position"] = torch.as_tensor(np.asarray(batch["position"], dtype=np.int64))
+        return out
+
+
+class ShardStream:
+    """The training split as a deterministic stream per (epoch, rank); built on the driver.
+
+    Picklable (it travels in ``train_loop_config``); :meth:`epoch_batches` runs in a worker.
+
+    Args:
+        order: the split's :class:`~albef_ray.data.stream.EpochOrder`.
+        spec: the pretraining transform.
+        max_words: caption word limit.
+        collate: tokenises and normalises (a :class:`StreamCollate`).
+    """
+
+    def __init__(self, order: EpochOrder, spec: AugmentSpec, max_words: int, collate: StreamCollate):
+        self.order = order
+        self.spec = spec
+        self.max_words = max_words
+        self.collate = collate
+
+    def decode(self, batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
+        """``map_batches`` body: one item, a window as JSON -> its decoded rows."""
+        (item,) = batch["window"]
+        index, ranges, skip, position = json.loads(str(item))
+        window = Window(index, tuple(tuple(r) for r in ranges), skip, position)
+        return decode_window(self.order, epoch, window, self.spec, self.max_words)
+
+    def epoch_batches(self, epoch: int, rank: int, world: int, position: int, batch_size: int, device=None):
+        """Full batches of rank ``rank``'s rows of ``epoch`` from stream ``position`` on.
+
+        Each batch holds ``position`` (see :class:`StreamCollate`); the last row's + 1 is where
+        a resumed worker continues.
+        """
+        import ray.data
+
+        windows = self.order.worker_windows(epoch, rank, world, position)
+        if not windows:
+            return iter(())
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # the stream's order is the row order
+        context.enable_progress_bars = False  # a worker's log is no terminal
+        items = [{"window": json.dumps([w.index, [list(r) for r in w.ranges], w.skip, w.position])} for w in windows]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            self.decode, fn_kwargs={"epoch": epoch}, batch_size=1, batch_format="numpy"
+        )
+        on = {} if device is None else {"device": device}  # None: Ray's default (the Train worker's device)
+        return ds.iter_torch_batches(batch_size=batch_size, drop_last=True, collate_fn=self.collate, **on)
+
+
+def build_stream(paths: list[str], split: str, cfg: AlbefConfig) -> ShardStream:
+    """The :class:`ShardStream` of ``split``: lists its files and reads their footers (no rows)."""
+    if not paths:
+        raise ConfigError("data.shards: no dataset paths given")
+    entries, _ = shard_files(paths, split)
+    files = [f for entry in entries for f in list_parquet(entry)]
+    if not files:
+        raise ConfigError(f"data.shards: no Parquet files of split {split!r} in {', '.join(paths)}")
+    block = cfg.data.map_batch_size
+    order = EpochOrder(
+        tuple(files), tuple(file_row_counts(files)), cfg.seed, block_rows=block,
+        window_blocks=max(1, -(-cfg.data.shuffle_buffer // block)),
+    )
+    return ShardStream(order, AugmentSpec.from_config(cfg), cfg.data.max_words, StreamCollate.from_config(cfg))
+
+
 def iter_kwargs(cfg: AlbefConfig, training: bool = True) -> dict[str, Any]:
     """Keyword arguments for ``shard.iter_torch_batches`` (everything but ``collate_fn``/``device``).
 
@@ -120,8 +186,9 @@ def build_pretrain_inputs(cfg: AlbefConfig):
     """Everything ``run_pretrain`` needs from ``data.shards``.
 
     Returns:
-        ``({"train": dataset}, steps_per_epoch, collate, special_tokens)``; steps per epoch is
-        ``train.steps_per_epoch`` or full global batches in the split's row count.
+        ``({"train": ShardStream}, steps_per_epoch, collate, special_tokens)``; steps per epoch
+        is ``train.steps_per_epoch`` or full global batches in the split's row count (an upper
+        bound: an epoch also ends when a worker's stream runs out, undecodable rows dropped).
     """
     from ..model.registry import get_arch
     from ..objectives.mlm import SpecialTokens
@@ -134,18 +201,16 @@ def build_pretrain_inputs(cfg: AlbefConfig):
             f"model.size={cfg.model.size}'s vocabulary of {vocab}"
         )
     global_batch = cfg.train.batch_size * cfg.train.num_workers
-    steps = cfg.train.steps_per_epoch
-    if steps is None:
-        rows = count_rows(cfg.data.shards, "train")
-        steps = rows // global_batch
-        if steps == 0:
-            raise ConfigError(
-                f"data.shards: {rows} training rows make no global batch of "
-                f"train.batch_size x train.num_workers = {global_batch}"
-            )
+    stream = build_stream(cfg.data.shards, "train", cfg)
+    rows = stream.order.total_rows
+    if rows // global_batch == 0:
+        raise ConfigError(
+            f"data.shards: {rows} training rows make no global batch of "
+            f"train.batch_size x train.num_workers = {global_batch}"
+        )
+    steps = cfg.train.steps_per_epoch or rows // global_batch
     quiet_progress_off_terminal()
-    dataset = build_dataset(cfg.data.shards, "train", cfg, training=True)
-    return {"train": dataset}, steps, CaptionCollate.from_config(cfg), SpecialTokens.from_tokenizer(tokenizer)
+    return {"train": stream}, steps, stream.collate, SpecialTokens.from_tokenizer(tokenizer)
 
 
 def quiet_progress_off_terminal() -> None:

@@ -7,6 +7,8 @@ The worker loop only wires plain-PyTorch pieces together (``build_task``, ``trai
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
 import tempfile
@@ -24,6 +26,7 @@ from ..train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 RNG_FILE = "rng_rank{rank}.pt"
+STREAM_FILE = "stream_rank{rank}.json"  # a worker's place in its epoch's data stream
 FAULT_MARKER = "fault_injected"
 
 
@@ -79,7 +82,7 @@ def _maybe_inject_fault(cfg: AlbefConfig, step: int, rank: int, world: int, run_
     os._exit(1)
 
 
-def _report(metrics, progress, cfg, task, optimizer, generator, rank, with_checkpoint):
+def _report(metrics, progress, cfg, task, optimizer, generator, rank, with_checkpoint, position=0, world=1):
     import ray.train
 
     metrics = {**metrics, "step": progress.step, "epoch": progress.epoch}
@@ -93,24 +96,74 @@ def _report(metrics, progress, cfg, task, optimizer, generator, rank, with_check
         from ..train.checkpoint import rng_state
 
         torch.save(rng_state(generator), Path(tmp) / RNG_FILE.format(rank=rank))
+        stream = {"epoch": progress.epoch, "position": position, "world": world}
+        (Path(tmp) / STREAM_FILE.format(rank=rank)).write_text(json.dumps(stream))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _restore(task, optimizer, generator, rank) -> TrainProgress:
+def _stream_position(directory: Path, rank: int, world: int, progress: TrainProgress, batch_size: int) -> int:
+    """Where rank ``rank`` continues its epoch's stream: the row after its last trained one.
+
+    Exact when the checkpoint was written by as many workers; otherwise (or for a checkpoint
+    without stream files) an estimate, with a warning: rows near it may be trained twice or not.
+    """
+    if progress.batches_done == 0:
+        return 0
+    saved = {}
+    for path in directory.glob(STREAM_FILE.format(rank="*")):
+        state = json.loads(path.read_text())
+        if state["epoch"] == progress.epoch:
+            saved[path.name] = state
+    mine = saved.get(STREAM_FILE.format(rank=rank))
+    if mine is not None and mine["world"] == world:
+        return int(mine["position"])
+    estimate = sum(s["position"] for s in saved.values()) // world if saved else progress.batches_done * batch_size
+    log.warning(
+        "rank %d: the checkpoint holds no data position for %d workers; continuing epoch %d at row %d "
+        "of this worker's stream (an estimate: rows near it may be trained twice or skipped)",
+        rank, world, progress.epoch, estimate,
+    )
+    return estimate
+
+
+def _restore(task, optimizer, generator, rank, world, batch_size) -> tuple[TrainProgress, int]:
     import ray.train
 
     from ..train.checkpoint import set_rng_state
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return TrainProgress()
+        return TrainProgress(), 0
     with ckpt.as_directory() as d:
         progress = load_training_state(d, task, optimizer, generator, restore_rng=False)
+        position = _stream_position(Path(d), rank, world, progress, batch_size)
         rng_path = Path(d) / RNG_FILE.format(rank=rank)
         if rng_path.exists():
             set_rng_state(torch.load(rng_path, weights_only=True), generator)
-    log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, progress.step, progress.epoch, progress.batches_done)
-    return progress
+    log.info("rank %d resumed at step %d (epoch %d, batch %d, stream row %d)", rank, progress.step, progress.epoch,
+             progress.batches_done, position)
+    return progress, position
+
+
+def _agreed(batches, device, world: int):
+    """The batches while every rank has one: when any rank's stream runs out, the epoch ends on all.
+
+    Undecodable rows are dropped per worker, so workers' streams end after different numbers
+    of full batches; one more step on some ranks only would hang DDP's collectives.
+    """
+    import torch.distributed as dist
+
+    batches = iter(batches)
+    while True:
+        batch = next(batches, None)
+        if world > 1:
+            have = torch.tensor([0 if batch is None else 1], device=device)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if not int(have.item()):
+                return
+        elif batch is None:
+            return
+        yield batch
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -139,35 +192,49 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     optimizer = build_optimizer(task, cfg.optim)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank)
     torch.manual_seed(cfg.seed + 1000 * rank)  # dropout differs across ranks
-    progress = _restore(task, optimizer, generator, rank)
+    progress, position = _restore(task, optimizer, generator, rank, world, cfg.train.batch_size)
     start_step = progress.step
     schedule = Schedule(cfg.train.epochs * loop_config["steps_per_epoch"], loop_config["steps_per_epoch"])
     stop = min(schedule.total_steps, cfg.train.max_steps or schedule.total_steps)
     tracker = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 and loop_config.get("run_id") else None
     # Retrieval fine-tuning: rank 0 evaluates at epoch ends; the other ranks wait in report.
     evaluator = EpochEvaluator(cfg, device, tracker) if rank == 0 and evaluates_every_epoch(cfg) else None
-    shard = ray.train.get_dataset_shard("train")
-    collate = loop_config.get("collate")
+    stream = loop_config.get("stream")  # caption shards: a deterministic order per (seed, epoch)
+    shard = None if stream is not None else ray.train.get_dataset_shard("train")
     window = _Window()
     task.train()
 
-    while progress.epoch < cfg.train.epochs and progress.step < stop:
+    def epoch_batches():
+        if stream is not None:  # starts at `position`: nothing before it is read or decoded
+            return stream.epoch_batches(progress.epoch, rank, world, position, cfg.train.batch_size, device)
+        # Generated tensors: the same rows every epoch, nothing to decode; skip what was trained.
         kwargs = loop_config.get("iter_kwargs") or {"batch_size": cfg.train.batch_size, "drop_last": True}
-        batches = shard.iter_torch_batches(collate_fn=collate, device=device, **kwargs)
+        batches = shard.iter_torch_batches(collate_fn=loop_config.get("collate"), device=device, **kwargs)
+        return itertools.islice(batches, progress.batches_done, None)
+
+    def flush(checkpoint: bool, evaluate: bool) -> None:
+        report = window.flush()
+        if tracker is not None and report:
+            tracker.log(report, progress.step)
+            log.info(format_metrics(progress.step, stop, report))
+        if evaluator is not None and checkpoint:
+            report.update(evaluator(task, progress.step, run=evaluate))
+        _report(report, progress, cfg, task, optimizer, generator, rank, checkpoint, position, world)
+
+    while progress.epoch < cfg.train.epochs and progress.step < stop:
+        epoch_done = True  # by steps_per_epoch or by a stream running out; False: stopped at `stop`
         t_wait = time.perf_counter()
-        for i, batch in enumerate(batches):
-            if i < progress.batches_done:  # resuming mid-epoch: these were trained on already
-                t_wait = time.perf_counter()
-                continue
-            if i >= schedule.steps_per_epoch or progress.step >= stop:
-                break
+        for batch in _agreed(epoch_batches(), device, world):
             t_ready = time.perf_counter()
             _maybe_inject_fault(cfg, progress.step, rank, world, run_dir)
             dropped = float(batch.pop("num_dropped", torch.zeros(())).sum()) if isinstance(batch, dict) else 0.0
+            rows = batch.pop("position", None) if isinstance(batch, dict) else None
             metrics = train_step(task, optimizer, batch, progress.step, cfg, schedule, generator)
             t_done = time.perf_counter()
             progress.step += 1
-            progress.batches_done = i + 1
+            progress.batches_done += 1
+            if rows is not None:
+                position = int(rows.max()) + 1
             progress.nonfinite_in_row = progress.nonfinite_in_row + 1 if metrics["skipped"] else 0
             metrics.update(
                 dropped_rows=dropped,
@@ -183,24 +250,20 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last good "
                     "checkpoint is kept. Lower optim.lr, set optim.grad_clip or check the data."
                 )
-            end_of_epoch = progress.batches_done >= schedule.steps_per_epoch
-            checkpoint = progress.step % cfg.train.checkpoint_every_steps == 0 or progress.step >= stop or end_of_epoch
-            if end_of_epoch:
-                progress.epoch += 1
-                progress.batches_done = 0
-            if progress.step % cfg.train.log_every_steps == 0 or checkpoint:
-                report = window.flush()
-                if tracker is not None:
-                    tracker.log(report, progress.step)
-                    log.info(format_metrics(progress.step, stop, report))
-                if evaluator is not None and checkpoint:
-                    report.update(evaluator(task, progress.step, run=end_of_epoch or progress.step >= stop))
-                _report(report, progress, cfg, task, optimizer, generator, rank, checkpoint)
-            if end_of_epoch:
+            if progress.batches_done >= schedule.steps_per_epoch:
                 break
-        else:  # the shard ran out before steps_per_epoch batches
+            if progress.step >= stop:
+                epoch_done = False
+                break
+            checkpoint = progress.step % cfg.train.checkpoint_every_steps == 0
+            if checkpoint or progress.step % cfg.train.log_every_steps == 0:
+                flush(checkpoint, evaluate=False)
+        # However the epoch ended, it ends here: checkpoint, report, evaluation.
+        if epoch_done:
             progress.epoch += 1
             progress.batches_done = 0
+            position = 0
+        flush(checkpoint=True, evaluate=True)
     return {"step": progress.step, "epoch": progress.epoch, "start_step": start_step}
 
 
@@ -212,12 +275,18 @@ def launch_pretrain(
 ):
     """Fit a TorchTrainer for ``cfg``; returns (ray.train.Result, RunPaths, tracking uri, run id).
 
+    ``datasets["train"]`` is a :class:`~albef_ray.launch.data.ShardStream` (each worker reads
+    its own part of the epoch's order) or a Ray Dataset (split by Ray Train).
     ``callbacks`` go to the Train ``RunConfig`` (a Tune sweep passes ``TuneReportCallback``).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from .data import ShardStream
     from .finetune import checkpoint_config
+
+    stream = datasets.get("train") if isinstance(datasets.get("train"), ShardStream) else None
+    datasets = {k: v for k, v in datasets.items() if not isinstance(v, ShardStream)}
     from .tracking import close_run, open_run, resolve_tracking_uri
 
     paths = run_paths(cfg)
@@ -231,7 +300,7 @@ def launch_pretrain(
         train_loop_config={
             "config": cfg.model_dump(mode="json"), "steps_per_epoch": steps_per_epoch,
             "run_dir": str(paths.run_dir), "tracking_uri": uri, "run_id": run_id,
-            "collate": collate, "special": special, "iter_kwargs": iter_kwargs,
+            "collate": collate, "special": special, "iter_kwargs": iter_kwargs, "stream": stream,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
@@ -243,7 +312,7 @@ def launch_pretrain(
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=callbacks,
         ),
-        datasets=datasets,
+        datasets=datasets or None,
     )
     status = "FAILED"
     result = None
@@ -330,7 +399,12 @@ def run_pretrain(cfg: AlbefConfig, echo=print):
         loader_kwargs = iter_kwargs(cfg)
         echo(f"data: {', '.join(cfg.data.shards)} ({steps_per_epoch} steps per epoch)")
     else:
-        steps_per_epoch = cfg.train.steps_per_epoch or 50
+        steps_per_epoch = cfg.train.steps_per_epoch
+        if steps_per_epoch is None:
+            raise ConfigError(
+                "train.steps_per_epoch: generated tensors (no data.shards) have no size; "
+                "set how many batches per worker an epoch holds"
+            )
         rows = synthetic_rows(cfg, steps_per_epoch)  # raises a ConfigError before Ray starts
         init_ray(cfg)
         import ray.data

@@ -1,15 +1,31 @@
 """Pretraining on a real local Ray cluster with a real MLflow store (CPU, albef_tiny)."""
 
+import copy
+import json
+import sys
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from albef_ray.config import load_config
+from albef_ray.launch.data import ShardStream, StreamCollate
 from albef_ray.train.checkpoint import STATE_FILE
+
+from ..data.shard_fixtures import CORRUPT, WORDS, encode, make_tokenizer, write_rows
 
 pytestmark = pytest.mark.ray
 DEMO = str(Path(__file__).resolve().parents[2] / "experiments" / "demo_cpu.yaml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _pickle_this_module_by_value():
+    import ray.cloudpickle
+
+    # The recording stream below travels by value: workers need not import the tests package.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _cfg(tmp_path, *overrides):
@@ -48,16 +64,103 @@ def test_two_worker_run_loss_falls_and_mlflow_has_everything(ray_cluster, tmp_pa
     assert (tmp_path / "mlartifacts").is_dir()  # beside the store, not in the working directory
 
 
-def test_resume_equals_straight_run(ray_cluster, tmp_path):
-    from albef_ray.launch.train import run_pretrain
+class _RowCollate(StreamCollate):
+    """The real collate, plus each row's global id (tests only)."""
 
-    common = ["train.num_workers=1", "train.steps_per_epoch=4", "train.checkpoint_every_steps=4", "tracking.enabled=false"]
-    straight = run_pretrain(_cfg(tmp_path, *common, "train.max_steps=8", "run.name=straight"), echo=lambda *_: None)
-    run_pretrain(_cfg(tmp_path, *common, "train.max_steps=4", "run.name=resumed"), echo=lambda *_: None)
-    resumed = run_pretrain(_cfg(tmp_path, *common, "train.max_steps=8", "run.name=resumed"), echo=lambda *_: None)
-    assert resumed.return_value["start_step"] == 4  # it continued from the checkpoint
+    def __call__(self, batch):
+        out = super().__call__(batch)
+        out["row"] = torch.as_tensor(batch["row"])
+        return out
+
+
+class _RecordingStream(ShardStream):
+    """The real stream; records the rows each worker trains on and every row decoded (tests only)."""
+
+    def __init__(self, stream: ShardStream, out: Path):
+        collate = copy.copy(stream.collate)
+        collate.__class__ = _RowCollate
+        super().__init__(stream.order, stream.spec, stream.max_words, collate)
+        self.out = str(out)
+
+    def decode(self, batch, epoch):
+        decoded = super().decode(batch, epoch)
+        # one file per call: decode tasks run in several processes
+        record = {"epoch": epoch, "rows": decoded["row"].tolist()}
+        (Path(self.out) / f"decoded-{uuid.uuid4().hex}.json").write_text(json.dumps(record))
+        return decoded
+
+    def epoch_batches(self, epoch, rank, world, position, batch_size, device=None):
+        batches = []
+        try:
+            for batch in super().epoch_batches(epoch, rank, world, position, batch_size, device):
+                batches.append((batch, batch.pop("row").tolist()))
+                yield batch
+        finally:  # the loop pops "position" from each batch it trains on; the others were fetched only
+            trained = [rows for batch, rows in batches if "position" not in batch]
+            name = f"trained-e{epoch}-r{rank}-p{position}.json"
+            (Path(self.out) / name).write_text(json.dumps(sum(trained, [])))
+
+
+def _resume_data(root: Path) -> None:
+    """72 rows in three files, textured images, three undecodable."""
+    rows = [
+        {"image": CORRUPT if i in (5, 30, 61) else encode(np.random.default_rng(i).integers(0, 256, (24, 32, 3), np.uint8)),
+         "caption": f"a {WORDS[i % 6]} {WORDS[6 + i % 4]}", "image_id": f"{i}"}
+        for i in range(72)
+    ]
+    for part, start in enumerate(range(0, 72, 24)):
+        write_rows(root / "train" / f"part-{part:05d}.parquet", rows[start:start + 24])
+
+
+def _fit_recorded(cfg, out: Path):
+    from albef_ray.launch.data import build_pretrain_inputs
+    from albef_ray.launch.train import absolute_data_paths, init_ray, launch_pretrain
+
+    out.mkdir(parents=True)
+    cfg = absolute_data_paths(cfg)
+    init_ray(cfg)
+    datasets, steps, _, special = build_pretrain_inputs(cfg)
+    stream = _RecordingStream(datasets["train"], out)
+    result, *_ = launch_pretrain(cfg, {"train": stream}, steps, stream.collate, special)
+    return result, stream.order
+
+
+def _trained(out: Path, epoch: int, rank: int) -> list[int]:
+    parts = sorted(out.glob(f"trained-e{epoch}-r{rank}-p*.json"), key=lambda p: int(p.stem.rsplit("-p", 1)[1]))
+    return sum((json.loads(p.read_text()) for p in parts), [])
+
+
+def test_resume_mid_epoch_trains_exactly_the_rows_of_a_straight_run(ray_cluster, tmp_path):
+    _resume_data(tmp_path / "ds")
+    common = ["train.num_workers=2", "train.batch_size=4", "train.epochs=2", "train.steps_per_epoch=null",
+              "train.max_steps=null", "train.checkpoint_every_steps=1000", "tracking.enabled=false",
+              f"data.shards=[{tmp_path / 'ds'}]", f"data.tokenizer={make_tokenizer(tmp_path / 'tok')}",
+              "data.map_batch_size=4", "data.shuffle_buffer=12"]  # windows of 3 blocks: rows mixed across blocks
+    straight, order = _fit_recorded(_cfg(tmp_path, *common, "run.name=straight"), tmp_path / "straight")
+    first, _ = _fit_recorded(_cfg(tmp_path, *common, "train.max_steps=5", "run.name=resumed"), tmp_path / "first")
+    resumed, _ = _fit_recorded(_cfg(tmp_path, *common, "run.name=resumed"), tmp_path / "second")
+    assert first.metrics["step"] == 5 and resumed.return_value["start_step"] == 5  # continued mid-epoch 0
+
+    for rank in (0, 1):
+        # every worker trained on the straight run's rows, in its order, across the interruption
+        assert _trained(tmp_path / "first", 0, rank) + _trained(tmp_path / "second", 0, rank) == \
+            _trained(tmp_path / "straight", 0, rank)
+        assert _trained(tmp_path / "second", 1, rank) == _trained(tmp_path / "straight", 1, rank)
+        assert len(_trained(tmp_path / "first", 0, rank)) == 5 * 4
+    straight_rows = [_trained(tmp_path / "straight", 0, r) for r in (0, 1)]
+    assert not set(straight_rows[0]) & set(straight_rows[1])
+    assert straight_rows[0] != sorted(straight_rows[0])  # shuffled rows, not file order
+    # the epoch ended by a stream running out (3 undecodable rows), not by the row count's 9 steps
+    steps_epoch0 = len(straight_rows[0]) // 4
+    assert steps_epoch0 < 72 // 8 and straight.metrics["epoch"] == 2
+
+    # nothing before a worker's resume point was decoded again
+    trained_before = set(_trained(tmp_path / "first", 0, 0) + _trained(tmp_path / "first", 0, 1))
+    decoded = [json.loads(p.read_text()) for p in (tmp_path / "second").glob("decoded-*.json")]
+    assert decoded and not trained_before & {r for d in decoded if d["epoch"] == 0 for r in d["rows"]}
+
     a, b = _final_state(straight), _final_state(resumed)
-    assert a["progress"]["step"] == b["progress"]["step"] == 8
+    assert a["progress"]["step"] == b["progress"]["step"] == straight.metrics["step"]
     for key, value in a["model"].items():  # parameters, momentum parameters, queues, pointer
         torch.testing.assert_close(b["model"][key], value, atol=1e-6, rtol=1e-5, msg=key)
 

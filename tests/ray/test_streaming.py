@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from albef_ray.config import build_config
-from albef_ray.launch.data import CaptionCollate, build_pretrain_inputs
+from albef_ray.launch.data import ShardStream, StreamCollate, build_pretrain_inputs
 
 from ..data.shard_fixtures import CORRUPT, encode, make_tokenizer, solid, write_rows
 
 pytestmark = pytest.mark.ray
-ROWS, CORRUPT_ROW, EPOCHS = 41, 7, 2  # 40 decodable rows: an equal split over 2 workers
+ROWS, CORRUPT_ROW, EPOCHS = 41, 7, 2
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,32 +35,31 @@ def _dataset(root: Path) -> None:
         write_rows(root / "train" / f"part-{part:05d}.parquet", rows[start:start + 14])
 
 
-class _IdCollate(CaptionCollate):
-    """The real collate, plus each row's image_id as an int (tests only: ids are strings)."""
+class _RowCollate(StreamCollate):
+    """The real collate, plus each row's global id (tests only)."""
 
     def __call__(self, batch):
         out = super().__call__(batch)
-        out["row"] = torch.tensor([int(i.split("-")[1]) for i in batch["image_id"]])
+        out["row"] = torch.as_tensor(batch["row"])
         return out
 
 
 def _record_loop(config):
     import ray.train
 
-    rank = ray.train.get_context().get_world_rank()
-    shard = ray.train.get_dataset_shard("train")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    stream = config["stream"]
     for epoch in range(config["epochs"]):
-        seen, dropped = [], 0
-        for batch in shard.iter_torch_batches(collate_fn=config["collate"], **config["iter"]):
+        seen = []
+        for batch in stream.epoch_batches(epoch, rank, world, 0, 4):
             assert batch["image"].dtype == torch.float32 and tuple(batch["image"].shape[1:]) == (3, 32, 32)
-            assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape[0] == batch["image"].shape[0]
+            assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape[0] == 4
             seen += batch["row"].tolist()
-            dropped += int(batch["num_dropped"])
-        path = Path(config["out"]) / f"rank{rank}-epoch{epoch}.json"
-        path.write_text(json.dumps({"seen": seen, "dropped": dropped}))
+        (Path(config["out"]) / f"rank{rank}-epoch{epoch}.json").write_text(json.dumps(seen))
 
 
-def test_two_workers_see_every_row_once_per_epoch_in_new_orders(ray_cluster, tmp_path):
+def test_two_workers_read_the_epoch_order_of_seed_and_epoch(ray_cluster, tmp_path):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -70,61 +69,64 @@ def test_two_workers_see_every_row_once_per_epoch_in_new_orders(ray_cluster, tmp
         "momentum": {"queue_size": 32},
         "train": {"batch_size": 4, "num_workers": 2, "cpus_per_worker": 0.5, "use_gpu": False},
         "data": {"shards": [str(tmp_path / "ds")], "tokenizer": make_tokenizer(tmp_path / "tok"),
-                 "map_batch_size": 8, "shuffle_buffer": 8},
+                 "map_batch_size": 4, "shuffle_buffer": 8},
     })
     datasets, steps_per_epoch, collate, special = build_pretrain_inputs(cfg)
-    assert steps_per_epoch == ROWS // 8 and special.cls == 2 and isinstance(collate, CaptionCollate)
+    stream = datasets["train"]
+    assert isinstance(stream, ShardStream) and isinstance(collate, StreamCollate) and special.cls == 2
+    assert steps_per_epoch == ROWS // 8 and stream.order.total_rows == ROWS
+    stream.collate.__class__ = _RowCollate
 
     out = tmp_path / "seen"
     out.mkdir()
     trainer = TorchTrainer(
         _record_loop,
-        train_loop_config={
-            "out": str(out), "epochs": EPOCHS,
-            "collate": _IdCollate(cfg.data.tokenizer, cfg.data.max_text_len),
-            "iter": {"batch_size": 4, "drop_last": False, "local_shuffle_buffer_size": 8},
-        },
+        train_loop_config={"out": str(out), "epochs": EPOCHS, "stream": stream},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=ray.train.RunConfig(name="streaming", storage_path=str(tmp_path / "runs")),
-        datasets=datasets,
     )
     trainer.fit()
 
-    valid = sorted(i for i in range(ROWS) if i != CORRUPT_ROW)
-    records = {(r, e): json.loads((out / f"rank{r}-epoch{e}.json").read_text()) for r in (0, 1) for e in range(EPOCHS)}
+    seen = {(r, e): json.loads((out / f"rank{r}-epoch{e}.json").read_text()) for r in (0, 1) for e in range(EPOCHS)}
     for epoch in range(EPOCHS):
-        per_rank = [records[r, epoch]["seen"] for r in (0, 1)]
-        assert sorted(per_rank[0] + per_rank[1]) == valid  # every row exactly once, across workers
-        assert len(per_rank[0]) == len(per_rank[1]) == len(valid) // 2
-        assert records[0, epoch]["dropped"] + records[1, epoch]["dropped"] == 1  # the corrupt row, counted
-    orders = [records[0, e]["seen"] + records[1, e]["seen"] for e in range(EPOCHS)]
+        for rank in (0, 1):
+            expected = [i for i in stream.order.worker_rows(epoch, rank, 2).tolist() if i != CORRUPT_ROW]
+            full = len(expected) // 4 * 4
+            assert seen[rank, epoch] == expected[:full]  # the order function's rows, in its order, full batches
+        assert not set(seen[0, epoch]) & set(seen[1, epoch])  # no row on both workers
+        assert len(seen[0, epoch]) + len(seen[1, epoch]) > ROWS - 1 - 2 * 4  # at most a partial batch left per worker
+    orders = [seen[0, e] + seen[1, e] for e in range(EPOCHS)]
     assert orders[0] != orders[1]
     assert np.mean([a == b for a, b in zip(*orders)]) < 0.5  # reshuffled, not a rotation of one row
 
 
-def test_pretraining_on_shards_logs_dropped_rows(ray_cluster, tmp_path):
+def test_every_epoch_ends_with_its_checkpoint_when_undecodable_rows_shorten_it(ray_cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from albef_ray.launch.train import run_pretrain
 
-    rows = [  # 16 decodable rows + 1 corrupt: 4 full batches of 4, none left over
-        {"image": CORRUPT if i == 5 else encode(solid(i * 10)), "caption": "a red circle", "image_id": str(i)}
-        for i in range(17)
+    corrupt = {2, 9, 16}
+    rows = [  # 18 rows count as 4 batches of 4, but 15 decode: each epoch's stream runs out after 3
+        {"image": CORRUPT if i in corrupt else encode(solid(i * 10)), "caption": "a red circle", "image_id": str(i)}
+        for i in range(18)
     ]
     write_rows(tmp_path / "ds" / "train" / "part-00000.parquet", rows)
     cfg = build_config({
         "model": {"size": "albef_tiny", "vit_init": None, "bert_init": None},
         "momentum": {"queue_size": 32},
-        "train": {"batch_size": 4, "num_workers": 1, "cpus_per_worker": 0.5, "use_gpu": False, "epochs": 1,
-                  "log_every_steps": 1, "precision": "fp32"},
+        "train": {"batch_size": 4, "num_workers": 1, "cpus_per_worker": 0.5, "use_gpu": False, "epochs": 2,
+                  "log_every_steps": 1, "precision": "fp32", "keep_checkpoints": 10},
         "data": {"shards": [str(tmp_path / "ds")], "tokenizer": make_tokenizer(tmp_path / "tok"),
                  "map_batch_size": 8},
         "run": {"storage_path": str(tmp_path), "name": "shards"},
     })
     result = run_pretrain(cfg, echo=lambda *_: None)
-    assert result.metrics["step"] == 4
+    assert result.metrics["step"] == 6 and result.metrics["epoch"] == 2
+    ends = sorted((m["epoch"], m["step"]) for _, m in result.best_checkpoints)
+    assert ends == [(1, 3), (2, 6)]  # a checkpoint (and report) at each epoch's end
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("albef-ray").experiment_id])[0]
+    assert run.info.status == "FINISHED"
     dropped = client.get_metric_history(run.info.run_id, "dropped_rows")
-    assert len(dropped) == 4 and sum(m.value for m in dropped) == 1  # the corrupt row reached the metrics
+    assert len(dropped) == 6 and sum(m.value for m in dropped) == 6  # the corrupt rows reached the metrics
