@@ -172,10 +172,10 @@ class DataConfig(_Section):
         True, description="Decode JPEGs at the smallest DCT scale that still covers the crop at full resolution."
     )
     map_batch_size: int = Field(
-        256, ge=1, description="Rows per decode task (read blocks are split to this); rows are permuted within it."
+        256, ge=1, description="Rows per read block (consecutive rows of one file); the epoch order permutes blocks."
     )
     shuffle_buffer: int = Field(
-        1024, ge=0, description="Rows in the trainer-side local shuffle buffer (0 = files + in-batch only)."
+        1024, ge=0, description="Rows permuted together: whole blocks, one decode task (0 = one block)."
     )
 
     @model_validator(mode="after")
