@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         "The whole config is validated before Ray starts.",
     )
     _add_config_args(pretrain, required=True)
-    pretrain.add_argument("--local", action="store_true", help="single-process loop on generated tensors, no Ray")
+    pretrain.add_argument(
+        "--local", action="store_true", help="single-process loop on generated tensors, no Ray (refuses data.shards)"
+    )
     pretrain.add_argument(
         "--resume", metavar="NAME",
         help="continue run NAME (under run.storage_path) from its latest checkpoint, in the same MLflow run",
@@ -232,10 +234,17 @@ def _pretrain(cfg: AlbefConfig, args: argparse.Namespace) -> int:
 
 
 def _pretrain_local(cfg: AlbefConfig, args: argparse.Namespace) -> int:
+    from .launch.train import check_local_paths
     from .model.registry import get_arch
     from .train.loop import resolve_device, run_local
     from .train.synthetic import synthetic_batches
 
+    check_local_paths(cfg)  # a missing path is named as such, before the refusal below
+    if cfg.data.shards:
+        raise ConfigError(
+            "data.shards: pretrain --local trains on generated tensors only and would ignore "
+            f"{', '.join(cfg.data.shards)}; drop --local to stream them on Ray, or unset data.shards"
+        )
     if cfg.train.steps_per_epoch is None:
         raise ConfigError("train.steps_per_epoch: required for generated batches (they have no natural epoch)")
     arch = get_arch(cfg.model.size, cfg.model.image_res)
@@ -389,18 +398,32 @@ def _recall_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def _eval_inputs(cfg: AlbefConfig, checkpoint: str | None) -> AlbefConfig:
+    """The part of ``cfg`` that `eval` reads: its shards only, no initial weights under a checkpoint."""
+    from .eval.checkpoint import eval_paths
+
+    eval_paths(cfg)  # eval.shards or data.shards must name something
+    data = cfg.data.model_copy(update={"shards": [] if cfg.eval.shards else cfg.data.shards})
+    unused = {"vit_init": None, "bert_init": None} if checkpoint or cfg.model.checkpoint else {}
+    model = cfg.model.model_copy(update={**unused, **({"checkpoint": None} if checkpoint else {})})
+    return cfg.model_copy(update={"data": data, "model": model})
+
+
 def _eval_retrieval(cfg: AlbefConfig, args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
     from .eval.checkpoint import checkpoint_step, evaluate_checkpoint, resolve_checkpoint
+    from .launch.train import check_local_paths
+    from .model.loading import CheckpointError
 
+    check_local_paths(_eval_inputs(cfg, args.checkpoint))  # before any model or tokenizer (a hub retry) loads
     checkpoint = args.checkpoint or cfg.model.checkpoint
     try:
         weights = resolve_checkpoint(checkpoint) if checkpoint else None
         print(f"albef-ray eval retrieval: {cfg.model.size} from {weights or 'its initial weights'}")
         metrics = evaluate_checkpoint(cfg, weights)
-    except OSError as err:  # a missing checkpoint, shard or tokenizer
+    except (OSError, CheckpointError) as err:  # a missing checkpoint, shard or tokenizer; an unreadable checkpoint
         print(f"albef-ray: eval error: {err}", file=sys.stderr)
         return 2
     print(
@@ -575,6 +598,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(cfg, args)
     except ConfigError as err:
         print(f"albef-ray: config error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        from .model.loading import CheckpointError  # imported already when one was raised
+
+        if not isinstance(err, CheckpointError):
+            raise
+        print(f"albef-ray: checkpoint error: {err}", file=sys.stderr)  # empty, corrupt or unsafe weights file
         return 2
     except KeyboardInterrupt:
         print("albef-ray: interrupted", file=sys.stderr)

@@ -169,10 +169,32 @@ def plot_loss_curves(curves: dict[str, dict[str, list[list[tuple[int, float]]]]]
 # ----------------------------------------------------------------------------- MLflow
 
 
+def check_store_exists(uri: str) -> None:
+    """A local store (SQLite file, file store folder) must exist: MLflow would create an empty one."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+    elif uri.startswith("file://"):
+        path = Path(uri[len("file://"):])
+    elif "://" not in uri:
+        path = Path(uri)
+    else:
+        return  # a tracking server answers for itself
+    if not path.exists():
+        raise LookupError(f"no MLflow store at {uri} (no sweep has been tracked there; see --tracking-uri)")
+
+
 def find_parent(client, sweep: str | None = None, run_id: str | None = None, experiment: str | None = None):
     """The sweep's parent run: by id, or the latest parent run tagged with the sweep name."""
     if run_id:
-        return client.get_run(run_id)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise LookupError(f"no MLflow run {run_id!r} in {client.tracking_uri}") from None
+        if run.data.tags.get(TAG_ROLE) != "parent":
+            raise LookupError(f"MLflow run {run_id} is not a sweep's parent run (tag {TAG_ROLE} is not 'parent')")
+        return run
     experiments = [e.experiment_id for e in client.search_experiments()]
     if experiment:
         found = client.get_experiment_by_name(experiment)
@@ -229,6 +251,7 @@ def compare_sweep(uri: str, out_dir: str | Path, sweep: str | None = None, run_i
     """Read the sweep's runs, print and write the table and figures, log them to the parent run."""
     from mlflow.tracking import MlflowClient
 
+    check_store_exists(uri)  # reading must not leave an empty store behind
     client = MlflowClient(tracking_uri=uri)
     parent = find_parent(client, sweep, run_id)
     order = json.loads(parent.data.tags.get(TAG_VARIANTS, "[]"))

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .schema import MANIFEST, SCHEMA_VERSION
+from .schema import MANIFEST, PROGRESS_DIR, SCHEMA_VERSION
 
 Manifest = dict[str, Any]
 
@@ -125,6 +125,26 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{root}: schema version {manifest.get('schema_version')}, expected {SCHEMA_VERSION}")
     return manifest
+
+
+def dataset_problem(root: str | os.PathLike) -> str | None:
+    """Why a local dataset root cannot be read, or ``None`` (URIs are not checked here).
+
+    A root without ``manifest.json`` is refused when it holds a build's progress folder (an
+    unfinished build: its shards are only part of the data) or no Parquet file at all; a plain
+    folder of Parquet files is accepted.
+    """
+    if _is_uri(str(root)):
+        return None
+    path = Path(root).expanduser()
+    if not path.exists():
+        return f"{root} does not exist"
+    if path.is_dir() and not (path / MANIFEST).is_file():
+        if (path / PROGRESS_DIR).is_dir():
+            return f"{root}: no {MANIFEST}: its build did not finish (run the same `albef-ray data build` again)"
+        if next(path.rglob("*.parquet"), None) is None:
+            return f"{root}: no {MANIFEST} and no Parquet files (not a dataset)"
+    return None
 
 
 def split_names(root: str | os.PathLike, manifest: Manifest | None = None) -> list[str]:

@@ -43,7 +43,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def checkpoint_step(weights: str | Path) -> int | None:
     """The optimizer step an albef-ray ``state.pt`` was saved at (``None`` for other files)."""
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    from ..model.loading import read_weights_file
+
+    state = read_weights_file(weights)
     progress = state.get("progress") if isinstance(state, dict) else None
     return int(progress["step"]) if isinstance(progress, dict) and "step" in progress else None
 

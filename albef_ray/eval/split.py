@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import AlbefConfig, ConfigError
-from ..data.manifest import shard_files
+from ..data.manifest import dataset_problem, shard_files
 from ..data.transforms import eval_image, pre_caption
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,9 @@ def _parquet_sources(paths: list[str], split: str):
     """One pyarrow dataset per shard file (or plain Parquet folder) of ``split``."""
     import pyarrow.dataset as pads
 
+    for root in paths:
+        if problem := dataset_problem(root):  # e.g. an unfinished build would evaluate part of a split
+            raise ConfigError(f"eval.shards: {problem}")
     try:
         files, _ = shard_files(paths, split)
     except KeyError as err:  # the manifest has no such split

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import AlbefConfig, ConfigError, build_config
+from ..model.loading import read_weights_file
 from ..train.checkpoint import TrainProgress, load_training_state, save_training_state
 from ..train.loop import Schedule, format_metrics, train_step
 from ..train.optim import build_optimizer
@@ -139,7 +140,7 @@ def _restore(task, optimizer, generator, rank, world, batch_size) -> tuple[Train
         position = _stream_position(Path(d), rank, world, progress, batch_size)
         rng_path = Path(d) / RNG_FILE.format(rank=rank)
         if rng_path.exists():
-            set_rng_state(torch.load(rng_path, weights_only=True), generator)
+            set_rng_state(read_weights_file(rng_path), generator)
     log.info("rank %d resumed at step %d (epoch %d, batch %d, stream row %d)", rank, progress.step, progress.epoch,
              progress.batches_done, position)
     return progress, position
@@ -351,21 +352,34 @@ def looks_local(path: str) -> bool:
     )
 
 
-def check_local_weights(cfg: AlbefConfig) -> None:
-    """A local ``model.vit_init`` / ``bert_init`` / ``checkpoint`` that is missing fails here, before Ray."""
+def check_local_paths(cfg: AlbefConfig) -> None:
+    """Missing local inputs fail here, before any model, tokenizer or Ray is loaded.
+
+    Checked: ``model.vit_init`` / ``bert_init`` / ``checkpoint`` and ``data.tokenizer`` when they
+    name local paths, and every ``data.shards`` / ``eval.shards`` root
+    (:func:`~albef_ray.data.manifest.dataset_problem`: missing, or an unfinished build).
+    """
+    from ..data.manifest import dataset_problem
+
     for key in ("vit_init", "bert_init", "checkpoint"):
         path = getattr(cfg.model, key)
         if path and looks_local(path) and not Path(path).expanduser().exists():
             raise ConfigError(f"model.{key}: {path} does not exist")
+    for name, roots in (("data.shards", cfg.data.shards), ("eval.shards", cfg.eval.shards)):
+        for root in roots:
+            if problem := dataset_problem(root):
+                raise ConfigError(f"{name}: {problem}")
+    if looks_local(cfg.data.tokenizer) and not Path(cfg.data.tokenizer).expanduser().exists():
+        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} does not exist")
 
 
 def absolute_data_paths(cfg: AlbefConfig) -> AlbefConfig:
     """Local data, tokenizer and weight paths made absolute: Ray workers run in a session folder.
 
     Raises:
-        ConfigError: a local weights path (:func:`check_local_weights`) does not exist.
+        ConfigError: a local input is missing (:func:`check_local_paths`).
     """
-    check_local_weights(cfg)
+    check_local_paths(cfg)
 
     def fix(path: str) -> str:
         return str(Path(path).resolve()) if "://" not in path and Path(path).exists() else path

@@ -8,8 +8,12 @@ was missing, unused or resized. Shape mismatches (other than the resizable ones)
 from __future__ import annotations
 
 import logging
+import pickle
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +23,60 @@ from .albef import ALBEF, build_model
 from .vision import interpolate_pos_embed, read_timm_vit_state
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be read safely: empty, corrupt, or pickling more than tensors."""
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    # torch.save writes a zip archive; the legacy format starts with a pickle (protocol >= 2: 0x80)
+    with open(path, "rb") as handle:
+        first = handle.read(1)
+    return first == b"\x80" or zipfile.is_zipfile(path)
+
+
+def _weights_only_refusal(message: str) -> str:
+    """What the weights-only unpickler refused, without torch's advice to load unsafely."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if found:
+        return f"it pickles {found.group(1)}, which a weights-only load refuses"
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
+    return found.group(1).strip().rstrip(".") if found else "it pickles more than tensors and plain containers"
+
+
+def read_weights_file(path: str | Path) -> Any:
+    """The contents of a ``.pt`` / ``.pth`` / ``.bin`` or ``.safetensors`` weights file, on CPU.
+
+    Every weights file albef-ray reads goes through here. Pickled files are read with torch's
+    weights-only unpickler (tensors, numbers, strings and containers), so a file cannot run code;
+    one that needs more is refused and never loaded another way.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: ``FILE: empty``, ``FILE: not a PyTorch checkpoint (...)`` or
+            ``FILE: not a weights-only checkpoint (...)``.
+    """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise CheckpointError(f"{path}: not a safetensors file ({err})") from None
+    if path.is_file() and not _looks_like_torch_file(path):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: not a weights-only checkpoint ({_weights_only_refusal(str(err))})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, AttributeError, ImportError) as err:
+        first = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", str(err)).split(". ")[0].strip()
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (corrupt or truncated: {first or type(err).__name__})") from None
 
 
 @dataclass
@@ -78,12 +136,9 @@ def read_hf_bert_state(source: str) -> dict[str, torch.Tensor]:
     """A ``save_pretrained`` directory's weights, read directly; otherwise a hub name via transformers."""
     path = Path(source)
     if path.is_dir():
-        if (path / "model.safetensors").exists():
-            from safetensors.torch import load_file
-
-            return load_file(str(path / "model.safetensors"))
-        if (path / "pytorch_model.bin").exists():
-            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).exists():
+                return read_weights_file(path / name)
         raise FileNotFoundError(f"{source}: no model.safetensors or pytorch_model.bin")
     from transformers import BertForMaskedLM
 
@@ -103,11 +158,11 @@ def load_bert(model: ALBEF, source: str) -> LoadReport:
 
 
 def read_albef_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_weights_file(path)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         ckpt = ckpt["model"]
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a state dict or a dict with a 'model' state dict")
+        raise CheckpointError(f"{path}: expected a state dict or a dict with a 'model' state dict")
     return ckpt
 
 
@@ -138,8 +193,10 @@ def load_albef_checkpoint(target: nn.Module, path: str) -> LoadReport:
                 report.notes.append("no momentum weights in checkpoint: momentum encoder copied from online")
             report.missing += [
                 f"momentum.{k}" for k in target.momentum.state_dict()
-                if f"momentum.{k}" not in native and not (copied and k.startswith("model."))
+                if f"momentum.{k}" not in native and not (copied and k.startswith("model.")) and k != "index_queue"
             ]
+            if target.momentum.index_queue is not None and "momentum.index_queue" not in native:
+                report.notes.append("no image index queue in checkpoint: queued keys belong to no known image (-1)")
         return report
     online = {k[len("model."):]: v for k, v in native.items() if k.startswith("model.")}
     report.unused += [k for k in native if not k.startswith("model.")]

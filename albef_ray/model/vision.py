@@ -68,14 +68,11 @@ def read_timm_vit_state(source: str) -> dict[str, torch.Tensor]:
     A tag such as ``deit_base_patch16_224.fb_in1k`` is resolved by timm (its cache or hub);
     nothing else in albef-ray downloads.
     """
+    from .loading import read_weights_file  # here: loading imports this module
+
     path = Path(source)
     if path.exists():
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_weights_file(path)
         for key in ("model", "state_dict", "module"):  # DeiT releases wrap weights in "model"
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]

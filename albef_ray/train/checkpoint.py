@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import AlbefConfig, dump_yaml
+from ..model.loading import CheckpointError, read_weights_file
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -100,7 +101,9 @@ def load_training_state(
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {STATE_FILE}; not an albef-ray checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_weights_file(path)  # CheckpointError for an empty, corrupt or unsafe file
+    if not isinstance(state, dict) or not {"model", "optimizer", "progress", "rng"} <= state.keys():
+        raise CheckpointError(f"{path}: not an albef-ray training checkpoint (no model, optimizer, progress and rng sections)")
     _unwrap(task).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

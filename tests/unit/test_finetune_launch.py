@@ -55,7 +55,10 @@ def test_best_checkpoint_skips_unevaluated_ones():
 
 
 def test_eval_shards_and_checkpoint_become_absolute(tmp_path, monkeypatch):
-    (tmp_path / "coco").mkdir()
+    (tmp_path / "data" / "synth" / "tokenizer").mkdir(parents=True)
+    for dataset in ("coco", "data/coco", "data/synth"):  # the configs' data.shards: missing ones are refused
+        (tmp_path / dataset).mkdir(parents=True, exist_ok=True)
+        (tmp_path / dataset / "manifest.json").write_text("{}")
     (tmp_path / "pre.pth").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     cfg = load_config(COCO, ["eval.shards=[coco]", "model.checkpoint=pre.pth"])

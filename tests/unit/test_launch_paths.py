@@ -8,6 +8,7 @@ from albef_ray.launch.train import absolute_data_paths, run_paths
 
 def test_local_data_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
     (tmp_path / "synth" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "synth" / "manifest.json").write_text("{}")  # a dataset root (missing ones are refused)
     monkeypatch.chdir(tmp_path)
     cfg = build_config({"data": {"shards": ["synth", "s3://bucket/cc3m"], "tokenizer": "synth/tokenizer"}})
     out = absolute_data_paths(cfg)
