@@ -21,7 +21,7 @@ is the uninterrupted stream's tail, bit for bit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,17 +204,8 @@ def read_rows(path: str, rows: np.ndarray, columns: Sequence[str] = READ_COLUMNS
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_window(
-    order: EpochOrder, epoch: int, window: Window, spec: AugmentSpec, max_words: int
-) -> dict[str, np.ndarray]:
-    """Read and decode the rows of one window, in its order from ``window.skip`` on.
-
-    Returns:
-        ``image`` uint8 (n, 3, R, R), ``caption`` (cleaned), ``image_id``, ``image_idx``,
-        ``num_dropped`` (the count of undecodable rows on the first kept row), ``row`` (global
-        id) and ``position`` (worker-stream position) of the n decodable rows, in order.
-    """
-    ids = order.window_order(epoch, window)
+def _read_window(order: EpochOrder, ids: np.ndarray) -> dict[str, list]:
+    """The stored columns of global rows ``ids``, in that order (each file read once)."""
     file_of, row_of = order.locate(ids)
     columns: dict[str, list] = {c: [None] * len(ids) for c in READ_COLUMNS}
     for f in np.unique(file_of).tolist():
@@ -223,26 +214,60 @@ def decode_window(
         for c in READ_COLUMNS:
             for k, value in zip(where.tolist(), table[c]):
                 columns[c][k] = value
+    return columns
+
+
+def _decode_rows(columns: dict[str, list], ids: np.ndarray, first: int, seed: int, epoch: int, spec: AugmentSpec,
+                 max_words: int, position: int) -> dict[str, np.ndarray]:
+    # Rows first .. first + len(ids) of the window's (unskipped) order.
     images, kept = [], []
-    for k, (data, row) in enumerate(zip(columns["image"], ids.tolist())):
-        generator = torch.Generator().manual_seed(row_seed(order.seed, epoch, row))
-        img = pretrain_image(data, spec, generator)
+    for k, row in enumerate(ids.tolist()):
+        generator = torch.Generator().manual_seed(row_seed(seed, epoch, row))
+        img = pretrain_image(columns["image"][first + k], spec, generator)
         if img is not None:
             images.append(img)
             kept.append(k)
     dropped = len(ids) - len(kept)
     if dropped and not kept:
-        log.warning("all %d rows of a window failed to decode; their count is lost to the metrics", dropped)
+        log.warning("all %d rows of a chunk failed to decode; their count is lost to the metrics", dropped)
     num_dropped = np.zeros(len(kept), np.int64)
     if kept:
         num_dropped[0] = dropped
     res = spec.image_res
+    column = {c: [columns[c][first + k] for k in kept] for c in ("caption", "image_id", "source")}
     return {
         "image": torch.stack(images).numpy() if images else np.zeros((0, 3, res, res), np.uint8),
-        "caption": np.array([pre_caption(str(columns["caption"][k]), max_words) for k in kept], dtype=object),
-        "image_id": np.array([str(columns["image_id"][k]) for k in kept], dtype=object),
-        "image_idx": image_indices([str(columns["source"][k]) for k in kept], [str(columns["image_id"][k]) for k in kept]),
+        "caption": np.array([pre_caption(str(c), max_words) for c in column["caption"]], dtype=object),
+        "image_id": np.array([str(i) for i in column["image_id"]], dtype=object),
+        "image_idx": image_indices([str(s) for s in column["source"]], [str(i) for i in column["image_id"]]),
         "num_dropped": num_dropped,
-        "row": ids[kept] if kept else np.zeros(0, np.int64),
-        "position": window.position + np.asarray(kept, dtype=np.int64),
+        "row": ids[np.asarray(kept, dtype=np.int64)],
+        "position": position + first + np.asarray(kept, dtype=np.int64),
     }
+
+
+def iter_window(
+    order: EpochOrder, epoch: int, window: Window, spec: AugmentSpec, max_words: int, chunk_rows: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Read the rows of one window and decode them in its order from ``window.skip`` on.
+
+    Yields chunks of ``chunk_rows`` rows (``None``: one chunk), so a decode task hands over
+    object-store blocks of bounded size.
+
+    Yields:
+        ``image`` uint8 (n, 3, R, R), ``caption`` (cleaned), ``image_id``, ``image_idx``,
+        ``num_dropped`` (the chunk's count of undecodable rows, on its first kept row), ``row``
+        (global id) and ``position`` (worker-stream position) of the chunk's n decodable rows.
+    """
+    ids = order.window_order(epoch, window)
+    columns = _read_window(order, ids)
+    step = chunk_rows or max(1, len(ids))
+    for first in range(0, len(ids), step):
+        yield _decode_rows(columns, ids[first:first + step], first, order.seed, epoch, spec, max_words, window.position)
+
+
+def decode_window(
+    order: EpochOrder, epoch: int, window: Window, spec: AugmentSpec, max_words: int
+) -> dict[str, np.ndarray]:
+    """:func:`iter_window` in one chunk: the window's decodable rows from ``window.skip`` on."""
+    return next(iter_window(order, epoch, window, spec, max_words))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ..config import AlbefConfig, ConfigError
 from ..data.collate import CaptionCollator, load_tokenizer
 from ..data.manifest import shard_files
-from ..data.stream import READ_COLUMNS, EpochOrder, Window, decode_window, file_row_counts, list_parquet
+from ..data.stream import READ_COLUMNS, EpochOrder, Window, file_row_counts, iter_window, list_parquet
 from ..data.transforms import AugmentSpec, transform_batch
 
 
@@ -127,12 +128,12 @@ class ShardStream:
         self.max_words = max_words
         self.collate = collate
 
-    def decode(self, batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
-        """``map_batches`` body: one item, a window as JSON -> its decoded rows."""
+    def decode(self, batch: dict[str, np.ndarray], epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """``map_batches`` body: one item, a window as JSON -> its decoded rows, a block at a time."""
         (item,) = batch["window"]
         index, ranges, skip, position = json.loads(str(item))
         window = Window(index, tuple(tuple(r) for r in ranges), skip, position)
-        return decode_window(self.order, epoch, window, self.spec, self.max_words)
+        yield from iter_window(self.order, epoch, window, self.spec, self.max_words, self.order.block_rows)
 
     def epoch_batches(self, epoch: int, rank: int, world: int, position: int, batch_size: int, device=None):
         """Full batches of rank ``rank``'s rows of ``epoch`` from stream ``position`` on.

@@ -10,7 +10,7 @@ import torch
 
 from albef_ray.data import stream as stream_module
 from albef_ray.data.schema import ROW_SCHEMA
-from albef_ray.data.stream import EpochOrder, Window, decode_window, file_row_counts, read_rows, row_seed
+from albef_ray.data.stream import EpochOrder, Window, decode_window, file_row_counts, iter_window, read_rows, row_seed
 from albef_ray.data.transforms import AugmentSpec
 
 from .shard_fixtures import CORRUPT, encode
@@ -143,3 +143,15 @@ def test_augmentation_differs_across_epochs_for_the_same_row(tmp_path):
             for row, image in zip(out["row"].tolist(), out["image"]):
                 images[epoch, row] = torch.from_numpy(image)
     assert any(not torch.equal(images[0, r], images[1, r]) for r in range(21) if r not in (3, 15))
+
+
+def test_iter_window_chunks_are_the_whole_window_in_order(tmp_path):
+    order = _shards(tmp_path)
+    spec = AugmentSpec(image_res=16)
+    for window in order.windows(0):
+        whole = decode_window(order, 0, window, spec, 30)
+        chunks = list(iter_window(order, 0, window, spec, 30, chunk_rows=3))
+        assert len(chunks) == -(-window.rows // 3) and all(len(c["row"]) <= 3 for c in chunks)
+        for key in ("image", "row", "position", "image_idx"):
+            assert np.array_equal(np.concatenate([c[key] for c in chunks]), whole[key]), key
+        assert sum(int(c["num_dropped"].sum()) for c in chunks) == int(whole["num_dropped"].sum())
