@@ -35,6 +35,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from .orientation import apply_orientation, exif_orientation, oriented_size
 from .randaugment import apply_ops, sample_ops
 from .schema import image_indices
 
@@ -111,7 +112,10 @@ def _to_rgb(img: Image.Image) -> Image.Image | None:
 
 
 def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image | None:
-    """Decode encoded image bytes (JPEG, PNG, ...) into an RGB PIL image.
+    """Decode encoded image bytes (JPEG, PNG, ...) into an upright RGB PIL image.
+
+    The EXIF orientation is applied (a phone's portrait photo, stored sideways, comes out
+    upright), as every viewer and the builder's recorded width and height have it.
 
     Args:
         data: the encoded bytes as stored in a shard.
@@ -124,9 +128,11 @@ def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Imag
     img = _open(data)
     if img is None:
         return None
-    if draft_size is not None:
-        img.draft("RGB", draft_size)
-    return _to_rgb(img)
+    orientation = exif_orientation(img)
+    if draft_size is not None:  # the request is in displayed pixels; draft works on stored ones
+        img.draft("RGB", oriented_size(draft_size, orientation))
+    rgb = _to_rgb(img)
+    return None if rgb is None else apply_orientation(rgb, orientation)
 
 
 # ----------------------------------------------------------------------------- crop sampling
@@ -176,12 +182,16 @@ def _crop_draft_size(img_size: tuple[int, int], box: CropBox, res: int) -> tuple
 # ----------------------------------------------------------------------------- transforms
 
 
-def _draft(img: Image.Image, box: CropBox, res: int) -> float:
-    """Let a JPEG decode at a reduced DCT scale if the crop allows; returns the reduction s."""
+def _draft(img: Image.Image, box: CropBox, res: int, orientation: int = 1) -> float:
+    """Let a JPEG decode at a reduced DCT scale if the crop allows; returns the reduction s.
+
+    ``box`` is on the upright image; ``orientation`` (EXIF) maps the request to stored pixels.
+    """
     if img.format != "JPEG":
         return 1.0
     full_width = img.width
-    drafted = img.draft("RGB", _crop_draft_size(img.size, box, res))
+    request = _crop_draft_size(oriented_size(img.size, orientation), box, res)
+    drafted = img.draft("RGB", oriented_size(request, orientation))
     # (mode, (0, 0, W / s, H / s)): the original image's extent in the reduced one.
     return 1.0 if drafted is None else full_width / drafted[1][2]
 
@@ -210,11 +220,14 @@ def pretrain_image(data: bytes, spec: AugmentSpec, generator: torch.Generator | 
     img = _open(data)
     if img is None:
         return None
-    box = sample_crop(img.height, img.width, spec.crop_scale, CROP_RATIO, generator)
-    reduction = _draft(img, box, res) if spec.jpeg_draft else 1.0
+    orientation = exif_orientation(img)  # the crop is sampled on the upright image
+    width, height = oriented_size(img.size, orientation)
+    box = sample_crop(height, width, spec.crop_scale, CROP_RATIO, generator)
+    reduction = _draft(img, box, res, orientation) if spec.jpeg_draft else 1.0
     rgb = _to_rgb(img)
     if rgb is None:
         return None
+    rgb = apply_orientation(rgb, orientation)
     if reduction > 1:
         box = _reduce_box(box, reduction, rgb.height, rgb.width)
     # torch's uint8 anti-aliased bicubic is PIL's filter, ~5x faster on PIL's (H, W, 3) memory.
