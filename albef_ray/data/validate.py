@@ -7,13 +7,20 @@ bad data: every problem becomes a skip record.
 
 :func:`check_stream` runs :func:`check_candidate` over a stream in a process pool and yields
 results in input order, so the shards a build writes do not depend on the number of workers.
+Workers exit with the process that started them, however it ends (SIGKILL included).
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
 import multiprocessing
+import os
 import re
+import signal
+import sys
+import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -24,6 +31,7 @@ from typing import Any, TypeVar
 from PIL import Image, ImageFile
 
 from .candidates import Candidate
+from .orientation import exif_orientation, oriented_size
 
 Meta = TypeVar("Meta")
 
@@ -50,7 +58,10 @@ class ImageCheckError(Exception):
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """Width and height of an encoded image, after checking it decodes completely.
+    """Width and height of an encoded image as displayed, after checking it decodes completely.
+
+    "As displayed": an EXIF orientation of 5 to 8 (a photo taken upright, stored sideways)
+    exchanges the stored width and height, as the training decode turns it upright.
 
     Raises:
         ImageCheckError: ``truncated_image`` when the data ends early (found by ``verify()``
@@ -71,7 +82,7 @@ def image_size(data: bytes) -> tuple[int, int]:
             try:  # verify() leaves the image unusable: open again for the real decode
                 with Image.open(io.BytesIO(data)) as image:
                     image.load()
-                    return image.size
+                    return oriented_size(image.size, exif_orientation(image))
             except Exception as err:
                 raise ImageCheckError(_reason(err, "truncated_image"), _short(err)) from None
     finally:
@@ -111,8 +122,12 @@ def check_candidate(candidate: Candidate) -> Checked:
                 data = handle.read()
         except OSError as err:
             return skip("missing_image", _short(err))
-    if not data:
+        if not data:
+            return skip("empty_image", "0-byte file")
+    if data is None:
         return skip("missing_image", "no image bytes")
+    if not data:
+        return skip("empty_image", "empty image bytes")
     try:
         width, height = image_size(bytes(data))
     except ImageCheckError as err:
@@ -179,7 +194,10 @@ def check_stream(
         return
     # spawn, not fork: the parent may hold threads (tqdm, Arrow pools) that fork would copy mid-lock.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
+    )
+    with pool:
         pending: deque[tuple[list[Meta], list[Candidate], Future]] = deque()
         metas: list[Meta] = []
         chunk: list[Candidate] = []
@@ -189,16 +207,46 @@ def check_stream(
                 done_metas, done_chunk, future = pending.popleft()
                 yield from zip(done_metas, _reattach(done_chunk, future.result()))
 
-        for meta, candidate in items:
-            metas.append(meta)
-            chunk.append(candidate)
-            if len(chunk) >= chunk_size:
+        try:
+            for meta, candidate in items:
+                metas.append(meta)
+                chunk.append(candidate)
+                if len(chunk) >= chunk_size:
+                    pending.append((metas, chunk, pool.submit(_check_chunk, chunk)))
+                    metas, chunk = [], []
+                    yield from drain(4 * workers)
+            if chunk:
                 pending.append((metas, chunk, pool.submit(_check_chunk, chunk)))
-                metas, chunk = [], []
-                yield from drain(4 * workers)
-        if chunk:
-            pending.append((metas, chunk, pool.submit(_check_chunk, chunk)))
-        yield from drain(0)
+            yield from drain(0)
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM, a failing reader): drop queued chunks
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the building process ends.
+
+    An idle pool worker waits on a queue whose writing end it shares with its siblings, so it
+    never sees the parent go. On Linux the kernel sends SIGKILL when the parent dies
+    (``prctl(PR_SET_PDEATHSIG)``); elsewhere a thread polls the parent's id.
+    """
+    watched = False
+    if sys.platform.startswith("linux"):
+        try:
+            pr_set_pdeathsig = 1
+            watched = ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL)) == 0
+        except (OSError, AttributeError):
+            watched = False
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os._exit(1)
+    if not watched:
+        threading.Thread(target=_poll_parent, args=(parent,), daemon=True).start()
+
+
+def _poll_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _reason(err: BaseException, default: str) -> str:
