@@ -20,12 +20,13 @@ so do bad data-build arguments (an unknown source format, an output holding anot
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from . import __version__
 from .config import AlbefConfig, ConfigError, dump_yaml, flatten, load_config
@@ -108,9 +109,10 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     build = actions.add_parser(
         "build", help="validate image-caption inputs and write them as Parquet shards",
         description="Read ALBEF JSON annotations, img2dataset Parquet or WebDataset tars; skip (count "
-        "and list in OUT/skipped.jsonl) missing, truncated or undecodable images and empty captions; "
-        "write OUT/<split>/part-NNNNN.parquet and OUT/manifest.json. Run the same command again to "
-        "finish an interrupted build: finished shards are kept.",
+        "and list in OUT/skipped.jsonl) missing, empty, truncated or undecodable images and empty captions; "
+        "write OUT/<split>/part-NNNNN.parquet and OUT/manifest.json, rows shuffled across each split "
+        "(seeded). Run the same command again to finish an interrupted build: finished work is kept. "
+        "Inputs are checked before any work; an OUT holding files of another tool is refused.",
     )
     build.add_argument("out", metavar="OUT", help="output dataset directory")
     build.add_argument("--source", action="append", default=[], metavar="SPEC", help=SOURCE_HELP)
@@ -118,7 +120,15 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--shard-size", default="128MiB", metavar="SIZE", help="target shard size, e.g. 64MB, 1GiB (default: 128MiB)"
     )
-    build.add_argument("--shard-rows", type=int, metavar="N", help="also cut a shard at N rows")
+    build.add_argument("--shard-rows", type=int, metavar="N", help="also cut a shard at N rows (N >= 1)")
+    build.add_argument(
+        "--shuffle-seed", type=int, default=0, metavar="N",
+        help="seed of the row shuffle across each split (default: 0; same seed and inputs: same shards)",
+    )
+    build.add_argument(
+        "--no-shuffle", action="store_true",
+        help="keep input order (all captions of an image adjacent in one shard)",
+    )
     build.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, metavar="N",
         help="processes decoding images (default: all cores; 0: in this process)",
@@ -192,7 +202,13 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9.e+]+)\s*([a-z]*)\s*", text.lower())
     if not match or match.group(2) not in units:
         raise ValueError(f"--shard-size: cannot read {text!r} (e.g. 64MB, 128MiB, 1GiB)")
-    return int(float(match.group(1)) * units[match.group(2)])
+    try:
+        size = int(float(match.group(1)) * units[match.group(2)])
+    except (ValueError, OverflowError):
+        raise ValueError(f"--shard-size: cannot read {text!r} (e.g. 64MB, 128MiB, 1GiB)") from None
+    if size < 1:
+        raise ValueError(f"--shard-size: {text!r} is not a positive size")
+    return size
 
 
 def changed_settings(cfg: AlbefConfig) -> dict[str, object]:
@@ -288,12 +304,39 @@ def _data_build(args: argparse.Namespace) -> int:
         sources += [source_from_dict(spec) for spec in listed]
     if not sources:
         raise ValueError("no inputs: give --source SPEC (repeatable) or --sources FILE")
-    manifest = write_dataset(
-        args.out, sources, shard_bytes=parse_size(args.shard_size), shard_rows=args.shard_rows,
-        workers=args.workers, progress=sys.stderr.isatty() and not args.no_progress, overwrite=args.overwrite,
-    )
+    if args.shard_rows is not None and args.shard_rows < 1:
+        raise ValueError(f"--shard-rows: {args.shard_rows} is not a positive number of rows")
+    if args.shuffle_seed < 0:
+        raise ValueError(f"--shuffle-seed: {args.shuffle_seed} is negative")
+    shard_bytes = parse_size(args.shard_size)
+    with _sigterm_interrupts():  # workers and the pool are shut down as on Ctrl-C
+        manifest = write_dataset(
+            args.out, sources, shard_bytes=shard_bytes, shard_rows=args.shard_rows,
+            shuffle_seed=None if args.no_shuffle else args.shuffle_seed, workers=args.workers,
+            progress=sys.stderr.isatty() and not args.no_progress, overwrite=args.overwrite,
+        )
     _report(args.out, manifest)
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's stop) unwinds the build as Ctrl-C does, then exits 130."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _data_synth(args: argparse.Namespace) -> int:
@@ -351,6 +394,8 @@ def _report(out: str, manifest: dict) -> None:
     reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped["by_reason"].items()))
     listed = f" ({reasons}) -> {os.path.join(out, 'skipped.jsonl')}" if reasons else ""
     print(f"  skipped inputs: {skipped['total']}{listed}")
+    seed = manifest.get("build", {}).get("shuffle_seed")
+    print(f"  row order: {'input order' if seed is None else f'shuffled across each split (seed {seed})'}")
     print(f"  manifest: {os.path.join(out, 'manifest.json')}")
 
 

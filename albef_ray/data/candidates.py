@@ -72,6 +72,33 @@ class Source(ABC):
         return {"name": self.name, "split": self.split, "format": self.format}
 
 
+def file_identity(files: Sequence[str]) -> list[dict[str, Any]]:
+    """Resolved path, size and modification time of each input file, for the build fingerprint.
+
+    The same file named by a relative or an absolute path gives the same identity; a file
+    edited (or replaced) since gives another, so a build of the old content is not taken for it.
+    A file that cannot be stat'ed keeps its resolved path only (the reader reports it).
+    """
+    out = []
+    for file in files:
+        path = Path(file).expanduser().resolve()
+        try:
+            stat = path.stat()
+            out.append({"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        except OSError:
+            out.append({"path": str(path)})
+    return out
+
+
+def check_files_exist(name: str, files: Sequence[str], kind: str) -> None:
+    """Raises ``ValueError`` naming the first input path that is not an existing file."""
+    if not files:
+        raise ValueError(f"source {name!r}: no {kind} files found")
+    for file in files:
+        if not os.path.isfile(file):
+            raise ValueError(f"source {name!r}: {file} does not exist")
+
+
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike], suffixes: Sequence[str]) -> list[str]:
     """Files named by paths, directories (searched recursively) or glob patterns, in sorted order.
 

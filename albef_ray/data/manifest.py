@@ -19,7 +19,8 @@ Example ``manifest.json`` (abridged)::
       "synth": {...}
     }
 
-``rows`` counts image-caption rows, ``images`` the input images with at least one row.
+``rows`` counts image-caption rows, ``images`` the distinct ``(source, image_id)`` pairs among
+them (an annotation file listing an image once per caption counts it once).
 Paths inside the manifest are relative to the dataset root.
 """
 
@@ -40,7 +41,11 @@ def _empty_split() -> dict[str, Any]:
 
 
 def assemble_manifest(
-    build: dict[str, Any], records: list[dict[str, Any]], extra: dict[str, Any] | None = None
+    build: dict[str, Any],
+    records: list[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
+    images: dict[str, dict[str, int]] | None = None,
+    shards: dict[str, list[dict[str, Any]]] | None = None,
 ) -> Manifest:
     """Builds the manifest of a finished build from its shard records.
 
@@ -50,6 +55,10 @@ def assemble_manifest(
             relative to the root, or ``None`` for a record of skips only), ``rows``, ``bytes``,
             ``images``, ``source_rows`` (name -> rows) and ``skipped`` (skip records).
         extra: further top-level sections (e.g. ``synth``, ``tokenizer``).
+        images: distinct images ``{"splits": {split: n}, "sources": {name: n}}``, replacing
+            the records' counts of input entries.
+        shards: the shard list of each split when the shards are not the records' own (a
+            shuffled build writes them after the records).
 
     Returns:
         The manifest as a JSON-able dict.
@@ -70,13 +79,20 @@ def assemble_manifest(
         for name, rows in record["source_rows"].items():
             split["sources"][name] = split["sources"].get(name, 0) + rows
             sources.setdefault(name, {"rows": 0, "images": 0, "skipped": 0})["rows"] += rows
-        for name, images in record.get("source_images", {}).items():
-            sources[name]["images"] += images
+        for name, entries in record.get("source_images", {}).items():
+            sources[name]["images"] += entries
         for skip in record["skipped"]:
             by_reason[skip["reason"]] = by_reason.get(skip["reason"], 0) + 1
             per_source = by_source.setdefault(skip["source"], {})
             per_source[skip["reason"]] = per_source.get(skip["reason"], 0) + 1
             sources.setdefault(skip["source"], {"rows": 0, "images": 0, "skipped": 0})["skipped"] += 1
+    if images is not None:
+        for split_name, split_entry in splits.items():
+            split_entry["images"] = images["splits"].get(split_name, 0)
+        for source_name, source_entry in sources.items():
+            source_entry["images"] = images["sources"].get(source_name, 0)
+    for split_name, listed in (shards or {}).items():
+        splits.setdefault(split_name, _empty_split())["shards"] = list(listed)
     manifest: Manifest = {
         "schema_version": SCHEMA_VERSION,
         "complete": True,

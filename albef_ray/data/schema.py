@@ -12,8 +12,10 @@ Each Parquet row is one image-caption pair (an image with several captions has s
 sharing ``image_id``; retrieval ground truth groups by it). ``image_id`` is unique within a
 ``source``; ``(source, image_id)`` is unique within a dataset.
 
-Shards of a split are numbered from 0 in input order; ``manifest.json`` lists them with their
-row counts, and is written last, so a directory without it is an unfinished build. Readers
+Shards of a split are numbered from 0; rows are in a seeded permutation across the split
+(``build.shuffle_seed`` in the manifest), or in input order when it is ``null``.
+``manifest.json`` lists the shards with their row counts, and is written last, so a
+directory without it is an unfinished build. Readers
 should take shard paths from the manifest (see :mod:`albef_ray.data.manifest`) rather than
 listing the directory.
 
@@ -50,6 +52,7 @@ PROGRESS_DIR = "_build"
 
 SKIP_REASONS = (
     "missing_image",  # no file, no bytes (e.g. an img2dataset row that failed to download)
+    "empty_image",  # a 0-byte file or empty bytes (a download or copy that wrote nothing)
     "unreadable_image",  # not an image PIL can identify, or its header fails verify()
     "truncated_image",  # the header is fine but the pixel data does not load (cut short, corrupt)
     "empty_caption",  # no caption, or only whitespace

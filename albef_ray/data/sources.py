@@ -27,7 +27,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from .candidates import Candidate, IterableSource, Source, expand_paths
+from .candidates import Candidate, IterableSource, Source, check_files_exist, expand_paths, file_identity
 
 __all__ = [
     "Candidate",
@@ -60,25 +60,43 @@ class JsonSource(Source):
         super().__init__(name, split)
         self.files = expand_paths(path, (".json",))
         self.image_root = None if image_root is None else str(image_root)
+        self._counts: dict[str, int] = {}
 
     def check(self) -> None:
-        if not self.files:
-            raise ValueError(f"source {self.name!r}: no annotation files found")
+        """Every annotation file must exist and hold a JSON list (checked before any work)."""
+        check_files_exist(self.name, self.files, "annotation")
         if self.image_root is not None and not os.path.isdir(self.image_root):
             raise ValueError(f"source {self.name!r}: image_root {self.image_root!r} is not a directory")
+        for file in self.files:
+            try:
+                with open(file, encoding="utf-8-sig") as handle:  # -sig: a BOM, as some editors write
+                    entries = json.load(handle)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"source {self.name!r}: {file}: not readable as JSON ({_short(err)})") from None
+            if not isinstance(entries, list):
+                keys = ", ".join(map(repr, list(entries)[:4])) if isinstance(entries, dict) else ""
+                found = f"an object with keys {keys}" if isinstance(entries, dict) else type(entries).__name__
+                raise ValueError(
+                    f"source {self.name!r}: {file}: expected a JSON list of "
+                    f'{{"image", "caption"}} entries, found {found}'
+                )
+            self._counts[file] = len(entries)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "files": self.files, "image_root": self.image_root}
+        root = None if self.image_root is None else str(Path(self.image_root).expanduser().resolve())
+        return {**super().describe(), "files": file_identity(self.files), "image_root": root}
 
     def _entries(self, file: str) -> list[Any] | None:
         try:
-            with open(file, encoding="utf-8") as handle:
+            with open(file, encoding="utf-8-sig") as handle:
                 entries = json.load(handle)
         except (OSError, ValueError):
             return None
         return entries if isinstance(entries, list) else None
 
     def count(self) -> int | None:
+        if len(self._counts) == len(self.files):
+            return sum(self._counts.values())
         return sum(len(entries) if (entries := self._entries(f)) is not None else 1 for f in self.files)
 
     def iter_candidates(self, skip: int = 0) -> Iterator[Candidate]:
@@ -139,8 +157,7 @@ class Img2DatasetSource(Source):
         self.image_column, self.caption_column, self.id_column = image_column, caption_column, id_column
 
     def check(self) -> None:
-        if not self.files:
-            raise ValueError(f"source {self.name!r}: no Parquet files found")
+        check_files_exist(self.name, self.files, "Parquet")
         names = pq.read_schema(self.files[0]).names
         wanted = [self.image_column, self.caption_column] + ([self.id_column] if self.id_column else [])
         missing = [c for c in wanted if c not in names]
@@ -149,7 +166,7 @@ class Img2DatasetSource(Source):
 
     def describe(self) -> dict[str, Any]:
         columns = [self.image_column, self.caption_column, self.id_column]
-        return {**super().describe(), "files": self.files, "columns": columns}
+        return {**super().describe(), "files": file_identity(self.files), "columns": columns}
 
     def count(self) -> int | None:
         total = 0
@@ -234,11 +251,10 @@ class WebDatasetSource(Source):
         self.files = expand_paths(path, (".tar", ".tar.gz", ".tgz"))
 
     def check(self) -> None:
-        if not self.files:
-            raise ValueError(f"source {self.name!r}: no tar files found")
+        check_files_exist(self.name, self.files, "tar")
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "files": self.files}
+        return {**super().describe(), "files": file_identity(self.files)}
 
     def iter_candidates(self, skip: int = 0) -> Iterator[Candidate]:
         index = 0

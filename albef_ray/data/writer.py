@@ -5,12 +5,24 @@ process pool when ``workers > 1``; results stay in input order), and cuts each s
 into shards of a target size in rows or bytes. A bad input is skipped, counted and listed in
 ``skipped.jsonl``; it never stops the build.
 
-Resume. Every shard is written to a temporary file and renamed into place, then a progress
-record (its rows, its skips, and the input position where it ends) is written to
-``<root>/_build/`` the same way. Shard contents depend only on input order, so a re-run of an
-interrupted build keeps the finished shards untouched, restarts the sources after the last
-record's end position (readers skip without decoding) and writes the remaining shards. The
-manifest is written last; then the progress records are removed.
+Shuffle. By default (``shuffle_seed=0``) rows are shuffled across each split, so the captions
+of one image do not sit together: they first go to a spill file in input order, then are
+written as shards in a seeded permutation (:mod:`albef_ray.data.shuffle`). With
+``shuffle_seed=None`` shards keep input order and are written directly.
+
+Resume. Every shard (or spilled chunk) is written to a temporary file and renamed into place,
+then a progress record (its rows, its skips, and the input position where it ends) is written to
+``<root>/_build/`` the same way. What a record holds depends only on input order, so a re-run
+of an interrupted build keeps what the records commit, restarts the sources after the last
+record's end position (readers skip without decoding) and writes the rest; the shuffle pass
+recomputes the same permutation and keeps the shards it finished. The manifest is written
+last; then the progress folder is removed.
+
+Identity. A build is identified by its fingerprint: the sources with their input files'
+resolved paths, sizes and modification times, the shard targets and the shuffle seed. A
+re-run with the same fingerprint keeps the dataset ("already built") or resumes; a changed
+input is refused (naming the file) unless ``overwrite``. Files in the output folder that no
+build of ours wrote (another tool's ``part-*.parquet``) are never overwritten or deleted.
 """
 
 from __future__ import annotations
@@ -26,9 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from . import shuffle
 from .candidates import Candidate, Source
 from .manifest import Manifest, assemble_manifest
 from .schema import (
@@ -44,6 +58,7 @@ from .validate import Checked, check_stream
 logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 128 * 2**20  # Ray Data's Parquet reader packs files up to 128 MiB per block
+DEFAULT_SHUFFLE_SEED = 0  # rows shuffled across each split unless a build asks for input order
 ROW_GROUP_ROWS = 256  # a reader holds one row group of images in memory at a time
 BUILD_SPEC = "build.json"
 
@@ -84,8 +99,8 @@ class _Shard:
 class _RecordLog:
     """Finished shards and their progress records in ``<root>/_build/``, in build order."""
 
-    def __init__(self, root: Path, records: list[dict[str, Any]]) -> None:
-        self.root, self.records = root, records
+    def __init__(self, root: Path, records: list[dict[str, Any]], spill: bool = False) -> None:
+        self.root, self.records, self.spill = root, records, spill
         self.shard_counts = Counter(r["split"] for r in records if r["shard"] is not None)
 
     def resume_point(self) -> tuple[int, int]:
@@ -93,9 +108,15 @@ class _RecordLog:
         return tuple(self.records[-1]["end"]) if self.records else (0, 0)
 
     def flush(self, shard: _Shard, end: tuple[int, int]) -> None:
-        """Writes the shard (when it has rows), then its record: the record commits the shard."""
-        path, size = None, 0
-        if shard.rows:
+        """Writes the shard (or spills its rows), then its record: the record commits them."""
+        path, size, spilled, offsets = None, 0, None, None
+        number = len(self.records)
+        if shard.rows and self.spill:
+            bounds = shuffle.append_rows(shuffle.spill_path(self.root / PROGRESS_DIR, shard.split), shard.rows)
+            offsets = f"record-{number:05d}.npy"
+            shuffle.save_offsets(self.root / PROGRESS_DIR / offsets, bounds)
+            spilled = [int(bounds[0]), int(bounds[-1])]
+        elif shard.rows:
             path = f"{shard.split}/{shard_name(self.shard_counts[shard.split])}"
             size = write_shard(self.root / path, shard.rows)
             self.shard_counts[shard.split] += 1
@@ -109,8 +130,10 @@ class _RecordLog:
             "source_images": dict(shard.source_images),
             "skipped": shard.skipped,
             "end": list(end),
+            "spill": spilled,
+            "offsets": offsets,
         }
-        _atomic_json(self.root / PROGRESS_DIR / f"record-{len(self.records):05d}.json", record)
+        _atomic_json(self.root / PROGRESS_DIR / f"record-{number:05d}.json", record)
         self.records.append(record)
 
     def totals(self, pending: _Shard | None) -> dict[str, int]:
@@ -164,7 +187,11 @@ def _clear(root: Path, splits: set[str]) -> None:
 
 
 def _load_records(root: Path, splits: set[str]) -> list[dict[str, Any]]:
-    """Progress records of finished shards, dropping any whose shard is missing and all after it."""
+    """Progress records of finished shards, dropping any whose shard is missing and all after it.
+
+    Spill files are cut back to what the kept records commit (rows appended by an attempt
+    that died before writing its record are dropped).
+    """
     progress = root / PROGRESS_DIR
     records = []
     while (path := progress / f"record-{len(records):05d}.json").exists():
@@ -172,37 +199,116 @@ def _load_records(root: Path, splits: set[str]) -> list[dict[str, Any]]:
             record = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             break
-        shard = record["shard"]
+        shard, spilled = record["shard"], record.get("spill")
         if shard is not None and (not (root / shard).exists() or (root / shard).stat().st_size != record["bytes"]):
             break
+        if spilled is not None:
+            spill = shuffle.spill_path(progress, record["split"])
+            if not spill.exists() or spill.stat().st_size < spilled[1] or not (progress / record["offsets"]).exists():
+                break
         records.append(record)
-    for stale in progress.glob("record-*.json"):
-        if int(stale.stem.split("-")[1]) >= len(records):
+    for stale in progress.glob("record-*"):
+        number = stale.name.split(".")[0].split("-")[1]
+        if not number.isdigit() or int(number) >= len(records) or stale.name.endswith(".tmp"):
             stale.unlink()
+    for split in splits:
+        committed = [r["spill"][1] for r in records if r["split"] == split and r.get("spill") is not None]
+        spill = shuffle.spill_path(progress, split)
+        if spill.exists():
+            os.truncate(spill, max(committed, default=0))
     for split in splits:  # a shard or record interrupted mid-write
         for tmp in (root / split).glob("*.tmp"):
             tmp.unlink()
     return records
 
 
+def _read_ours(path: Path) -> dict[str, Any] | None:
+    """A manifest or build spec this writer wrote (it has a fingerprint), ``None`` when absent.
+
+    Raises:
+        BuildError: the file exists but is not ours (unreadable, or without a fingerprint).
+    """
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        value = None
+    if not isinstance(value, dict) or not isinstance(value.get("build", value).get("fingerprint"), str):
+        raise BuildError(
+            f"{path} was not written by albef-ray data build; refusing to touch this folder "
+            "(choose another output folder)"
+        )
+    return value
+
+
+def _refuse_foreign_files(root: Path, splits: set[str], manifest: dict | None, spec: dict | None) -> None:
+    """Refuses an output folder holding shard-like files that no build of ours wrote."""
+    ours = set()
+    if manifest is not None:
+        ours = {s["path"] for entry in manifest.get("splits", {}).values() for s in entry.get("shards", [])}
+        splits = splits | set(manifest.get("splits", {}))
+    unfinished = {s["split"] for s in spec.get("sources", [])} if spec is not None else set()
+    foreign = [
+        part.relative_to(root).as_posix()
+        for split in sorted(splits)
+        for part in sorted((root / split).glob("part-*.parquet*"))
+        if split not in unfinished and part.relative_to(root).as_posix() not in ours
+    ]
+    if manifest is None and spec is None and (root / SKIPPED).exists():
+        foreign.insert(0, SKIPPED)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise BuildError(
+            f"{root}: {foreign[0]}{more} not written by albef-ray data build (no manifest or unfinished "
+            "build of ours names it); refusing to overwrite or delete it: choose an empty output folder"
+        )
+
+
+def _what_changed(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """A short account of how an earlier build's spec differs from this one."""
+    for key in ("schema_version", "shard_bytes", "shard_rows", "shuffle_seed"):
+        if old.get(key) != new.get(key):
+            return f"{key} {old.get(key)} -> {new.get(key)}"
+    old_sources, new_sources = old.get("sources", []), new.get("sources", [])
+    if len(old_sources) != len(new_sources):
+        return f"{len(old_sources)} source(s) -> {len(new_sources)}"
+    for before, after in zip(old_sources, new_sources):
+        paths = [[f.get("path") if isinstance(f, dict) else f for f in s.get("files", [])] for s in (before, after)]
+        if paths[0] == paths[1]:
+            for file_before, file_after in zip(before.get("files", []), after.get("files", [])):
+                if file_before != file_after:
+                    return f"{file_after['path']} changed since (size or modification time)"
+        if before != after:
+            return f"source {after.get('name')!r} differs"
+    return "another build"
+
+
 def _prepare(root: Path, build: dict[str, Any], overwrite: bool) -> list[dict[str, Any]] | Manifest:
     """Checks what ``root`` holds; returns a finished manifest, or the records to resume from."""
     splits = {s["split"] for s in build["sources"]}
     manifest_path, spec_path = root / MANIFEST, root / PROGRESS_DIR / BUILD_SPEC
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if old.get("build", {}).get("fingerprint") == build["fingerprint"] and not overwrite:
+    old_manifest = _read_ours(manifest_path)
+    old_spec = _read_ours(spec_path) if old_manifest is None else None
+    _refuse_foreign_files(root, splits, old_manifest, old_spec)
+    if old_manifest is not None:
+        if old_manifest["build"]["fingerprint"] == build["fingerprint"] and not overwrite:
             shutil.rmtree(root / PROGRESS_DIR, ignore_errors=True)
-            return old
+            return old_manifest
         if not overwrite:
-            raise BuildError(f"{root} already holds a dataset built from other inputs; overwrite to replace it")
-        _clear(root, splits | set(old.get("splits", {})))
-    elif spec_path.exists():
-        old_build = json.loads(spec_path.read_text(encoding="utf-8"))
-        if old_build.get("fingerprint") != build["fingerprint"] or overwrite:
+            raise BuildError(
+                f"{root} already holds a dataset built from other inputs or settings "
+                f"({_what_changed(old_manifest['build'], build)}); pass --overwrite to replace it"
+            )
+        _clear(root, splits | set(old_manifest.get("splits", {})))
+    elif old_spec is not None:
+        if old_spec["fingerprint"] != build["fingerprint"] or overwrite:
             if not overwrite:
-                raise BuildError(f"{root} holds an unfinished build of other inputs; overwrite to replace it")
-            _clear(root, splits | {s["split"] for s in old_build.get("sources", [])})
+                raise BuildError(
+                    f"{root} holds an unfinished build of other inputs or settings "
+                    f"({_what_changed(old_spec, build)}); pass --overwrite to start again"
+                )
+            _clear(root, splits | {s["split"] for s in old_spec.get("sources", [])})
     (root / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     for split in splits:
         (root / split).mkdir(exist_ok=True)
@@ -218,16 +324,29 @@ def _ordered(sources: Sequence[Source]) -> list[Source]:
     return sorted(sources, key=lambda s: first[s.split])
 
 
-def build_spec(sources: Sequence[Source], shard_bytes: int | None, shard_rows: int | None) -> dict[str, Any]:
-    """What identifies a build: its sources in order and shard targets, with their fingerprint."""
+def build_spec(
+    sources: Sequence[Source], shard_bytes: int | None, shard_rows: int | None, shuffle_seed: int | None = None
+) -> dict[str, Any]:
+    """What identifies a build: its sources in order, shard targets and shuffle seed, with their fingerprint."""
     spec = {
         "schema_version": SCHEMA_VERSION,
         "sources": [s.describe() for s in _ordered(sources)],
         "shard_bytes": shard_bytes,
         "shard_rows": shard_rows,
+        "shuffle_seed": shuffle_seed,
     }
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
     return {"fingerprint": digest, **spec}
+
+
+def _check_targets(shard_bytes: int | None, shard_rows: int | None, shuffle_seed: int | None) -> None:
+    if shard_bytes is None and shard_rows is None:
+        raise ValueError("give shard_bytes or shard_rows")
+    for name, value in (("shard_bytes", shard_bytes), ("shard_rows", shard_rows)):
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    if shuffle_seed is not None and (not isinstance(shuffle_seed, int) or shuffle_seed < 0):
+        raise ValueError(f"shuffle_seed: must be a non-negative integer or None, got {shuffle_seed!r}")
 
 
 def write_dataset(
@@ -236,6 +355,7 @@ def write_dataset(
     *,
     shard_bytes: int | None = DEFAULT_SHARD_BYTES,
     shard_rows: int | None = None,
+    shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED,
     workers: int = 0,
     progress: bool = True,
     overwrite: bool = False,
@@ -250,6 +370,8 @@ def write_dataset(
         shard_bytes: start a new shard once a shard's images and text reach this many bytes.
         shard_rows: start a new shard once it has this many rows (with ``shard_bytes``,
             whichever comes first).
+        shuffle_seed: rows of each split are written in a permutation drawn from this seed
+            (the same seed and inputs give the same shards); ``None`` keeps input order.
         workers: processes that decode and validate images; 0 or 1 works in this process.
         progress: show a tqdm bar.
         overwrite: replace a dataset or unfinished build of other inputs instead of refusing.
@@ -259,16 +381,19 @@ def write_dataset(
         The manifest (also written to ``<root>/manifest.json``).
 
     Raises:
-        BuildError: ``root`` holds a dataset or unfinished build of other inputs.
-        ValueError: a misconfigured source, or no shard target at all.
+        BuildError: ``root`` is a file, holds a dataset or unfinished build of other inputs, or
+            holds files no build of ours wrote.
+        ValueError: a misconfigured source (missing input file, an annotation file that is not
+            a JSON list), or no or non-positive shard targets.
     """
-    if shard_bytes is None and shard_rows is None:
-        raise ValueError("give shard_bytes or shard_rows")
+    _check_targets(shard_bytes, shard_rows, shuffle_seed)
     for source in sources:
         source.check()
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise BuildError(f"{root} exists and is not a directory; give a folder for the dataset")
     root.mkdir(parents=True, exist_ok=True)
-    build = build_spec(sources, shard_bytes, shard_rows)
+    build = build_spec(sources, shard_bytes, shard_rows, shuffle_seed)
     state = _prepare(root, build, overwrite)
     if isinstance(state, dict):  # already finished: refresh the extra sections only
         if extra and any(state.get(k) != v for k, v in extra.items()):
@@ -277,7 +402,7 @@ def write_dataset(
         logger.info("%s: already built (%d rows)", root, sum(s["rows"] for s in state["splits"].values()))
         return state
     ordered = _ordered(sources)
-    log = _RecordLog(root, state)
+    log = _RecordLog(root, state, spill=shuffle_seed is not None)
     if log.records:
         logger.info("%s: resuming after %d finished shard record(s)", root, len(log.records))
     start_source, start_position = log.resume_point()
@@ -309,11 +434,80 @@ def write_dataset(
     bar.close()
     if shard is not None:
         log.flush(shard, (len(ordered), 0))
-    return _finish(root, build, log.records, extra)
+    shards = None
+    if shuffle_seed is not None:
+        splits = list(dict.fromkeys(s.split for s in ordered))
+        shards = {
+            split: _write_shuffled(root, split, log.records, shuffle_seed, shard_rows, shard_bytes, progress)
+            for split in splits
+        }
+    return _finish(root, build, log.records, extra, shards)
 
 
-def _finish(root: Path, build: dict[str, Any], records: list[dict[str, Any]], extra: dict[str, Any] | None) -> Manifest:
-    manifest = assemble_manifest(build, records, extra)
+def _write_shuffled(
+    root: Path,
+    split: str,
+    records: list[dict[str, Any]],
+    seed: int,
+    shard_rows: int | None,
+    shard_bytes: int | None,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """The shuffle pass of one split: its spilled rows, permuted, cut and written as shards."""
+    progress_dir = root / PROGRESS_DIR
+    starts, ends = shuffle.split_offsets(progress_dir, records, split)
+    order = shuffle.permutation(seed, split, len(starts))
+    ranges = shuffle.cut(shuffle.row_bytes(starts, ends)[order], shard_rows, shard_bytes)
+    entries = []
+    bar = tqdm(total=len(order), unit="row", desc=f"shuffling {split}", disable=not progress)
+    for number, (first, last) in enumerate(ranges):
+        path = f"{split}/{shard_name(number)}"
+        target = root / path
+        if not (target.exists() and pq.ParquetFile(target).metadata.num_rows == last - first):
+            rows = shuffle.gather(shuffle.spill_path(progress_dir, split), starts, ends, order[first:last])
+            write_shard(target, rows)
+        entries.append({"path": path, "rows": last - first, "bytes": target.stat().st_size})
+        bar.update(last - first)
+    bar.close()
+    return entries
+
+
+def distinct_images(root: Path, shards: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, int]]:
+    """Distinct ``(source, image_id)`` pairs per split and per source, read from the shards.
+
+    An annotation file may list an image once per caption (COCO in ALBEF's JSON form does), so
+    counting input entries would count such an image several times.
+    """
+    per_split: dict[str, int] = {}
+    per_source: Counter[str] = Counter()
+    for split, entries in shards.items():
+        tables = [pq.read_table(root / e["path"], columns=["source", "image_id"]) for e in entries]
+        if not tables:
+            per_split[split] = 0
+            continue
+        unique = pa.concat_tables(tables).group_by(["source", "image_id"]).aggregate([])
+        per_split[split] = unique.num_rows
+        for item in pc.value_counts(unique["source"]).to_pylist():
+            per_source[item["values"]] += item["counts"]
+    return {"splits": per_split, "sources": dict(per_source)}
+
+
+def _finish(
+    root: Path,
+    build: dict[str, Any],
+    records: list[dict[str, Any]],
+    extra: dict[str, Any] | None,
+    shuffled: dict[str, list[dict[str, Any]]] | None = None,
+) -> Manifest:
+    if shuffled is None:
+        shards: dict[str, list[dict[str, Any]]] = {}
+        for record in records:
+            if record["shard"] is not None:
+                entry = {"path": record["shard"], "rows": record["rows"], "bytes": record["bytes"]}
+                shards.setdefault(record["split"], []).append(entry)
+    else:
+        shards = shuffled
+    manifest = assemble_manifest(build, records, extra, images=distinct_images(root, shards), shards=shuffled)
     tmp = root / (SKIPPED + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         for record in records:

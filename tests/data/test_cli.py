@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from albef_ray.cli import build_parser, main, parse_size
 from albef_ray.data.manifest import read_manifest
 
@@ -75,3 +79,96 @@ def test_help_lists_the_data_commands():
 
 def test_sizes_read_with_units():
     assert parse_size("128MiB") == 128 * 2**20 and parse_size("64MB") == 64 * 10**6 and parse_size("4096") == 4096
+
+
+def _build(out, *sources, extra=()):
+    argv = ["data", "build", str(out), "--workers", "0", "--no-progress", *extra]
+    for spec in sources:
+        argv += ["--source", spec]
+    return main(argv)
+
+
+def _one_error_line(capsys, *fragments):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert all(fragment in err for fragment in fragments), err
+
+
+def test_a_missing_input_is_an_error_before_any_work(tmp_path, capsys):
+    annotations, images, _ = make_json_input(tmp_path / "json")
+    out = tmp_path / "out"
+    assert _build(out, f"name=coco,format=json,path={tmp_path / 'nope.json'},image_root={images}") == 2
+    _one_error_line(capsys, "source 'coco'", "nope.json does not exist")
+    assert _build(out, f"name=web,format=webdataset,path={tmp_path / 'nope.tar'}") == 2
+    _one_error_line(capsys, "source 'web'", "nope.tar does not exist")
+    assert not out.exists()
+
+
+def test_a_json_that_is_not_a_list_is_an_error(tmp_path, capsys):
+    coco_style = tmp_path / "captions_train2017.json"
+    coco_style.write_text(json.dumps({"images": [], "annotations": [], "info": {}}))
+    assert _build(tmp_path / "out", f"name=coco,format=json,path={coco_style}") == 2
+    _one_error_line(capsys, "captions_train2017.json: expected a JSON list", "'images', 'annotations'")
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"image": "a.jpg", "caption": "cut sh')
+    assert _build(tmp_path / "out", f"name=coco,format=json,path={broken}") == 2
+    _one_error_line(capsys, "broken.json: not readable as JSON")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_json_list_with_a_byte_order_mark_is_read(tmp_path, capsys):
+    annotations, images, expected = make_json_input(tmp_path / "json")
+    with_bom = tmp_path / "bom.json"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + annotations.read_bytes())
+    assert _build(tmp_path / "out", f"name=coco,format=json,path={with_bom},image_root={images}") == 0
+    assert read_manifest(tmp_path / "out")["splits"]["train"]["rows"] == expected.rows
+
+
+def test_an_output_that_is_a_file_is_an_error(tmp_path, capsys):
+    tars, _ = make_webdataset_input(tmp_path / "tars")
+    out = tmp_path / "out.parquet"
+    out.write_bytes(b"precious")
+    assert _build(out, f"name=web,format=webdataset,path={tars}") == 2
+    _one_error_line(capsys, "out.parquet exists and is not a directory")
+    assert out.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_an_output_holding_someone_elses_shards_is_refused(tmp_path, capsys, overwrite):
+    tars, _ = make_webdataset_input(tmp_path / "tars")
+    out = tmp_path / "mine"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "part-00000.parquet").write_bytes(b"the user's own shard")
+    (out / "train" / "part-00007.parquet").write_bytes(b"another one")
+    assert _build(out, f"name=web,format=webdataset,path={tars}", extra=overwrite) == 2
+    _one_error_line(capsys, "train/part-00000.parquet and 1 more not written by albef-ray")
+    assert (out / "train" / "part-00000.parquet").read_bytes() == b"the user's own shard"
+    assert (out / "train" / "part-00007.parquet").read_bytes() == b"another one"
+    assert sorted(p.name for p in out.rglob("*")) == ["part-00000.parquet", "part-00007.parquet", "train"]
+
+
+def test_our_own_dataset_may_be_rebuilt_over(tmp_path, capsys):
+    tars, expected = make_webdataset_input(tmp_path / "tars")
+    out = tmp_path / "out"
+    assert _build(out, f"name=web,format=webdataset,path={tars}") == 0
+    assert _build(out, f"name=web,format=webdataset,path={tars}", extra=["--shard-rows", "1"]) == 2
+    _one_error_line(capsys, "other inputs or settings (shard_rows None -> 1)", "--overwrite")
+    assert _build(out, f"name=web,format=webdataset,path={tars}", extra=["--shard-rows", "1", "--overwrite"]) == 0
+    assert len(read_manifest(out)["splits"]["train"]["shards"]) == expected.rows
+
+
+@pytest.mark.parametrize("flag, value", [("--shard-rows", "0"), ("--shard-rows", "-3"), ("--shard-size", "0")])
+def test_non_positive_shard_targets_are_refused(tmp_path, capsys, flag, value):
+    tars, _ = make_webdataset_input(tmp_path / "tars")
+    assert _build(tmp_path / "out", f"name=web,format=webdataset,path={tars}", extra=[flag, value]) == 2
+    _one_error_line(capsys, f"{flag}: ", "not a positive")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_report_says_how_rows_are_ordered(tmp_path, capsys):
+    tars, _ = make_webdataset_input(tmp_path / "tars")
+    assert _build(tmp_path / "a", f"name=web,format=webdataset,path={tars}", extra=["--shuffle-seed", "3"]) == 0
+    assert "row order: shuffled across each split (seed 3)" in capsys.readouterr().out
+    assert read_manifest(tmp_path / "a")["build"]["shuffle_seed"] == 3
+    assert _build(tmp_path / "b", f"name=web,format=webdataset,path={tars}", extra=["--no-shuffle"]) == 0
+    assert "row order: input order" in capsys.readouterr().out

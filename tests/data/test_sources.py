@@ -25,6 +25,10 @@ from .samples import (
 )
 
 
+# Tests of a reader's row order build with shuffle_seed=None (input order); the shuffle is
+# tested in test_shuffle.py.
+
+
 def _rows(root, split="train"):
     return [row for path in shard_paths(root, split) for row in pq.read_table(path).to_pylist()]
 
@@ -53,7 +57,8 @@ def _check_counts(root, source: str, expected: Expected):
 
 def test_albef_json_annotations(tmp_path):
     annotations, image_root, expected = make_json_input(tmp_path / "in")
-    write_dataset(tmp_path / "out", [JsonSource("coco", annotations, image_root=image_root)], progress=False)
+    source = JsonSource("coco", annotations, image_root=image_root)
+    write_dataset(tmp_path / "out", [source], progress=False, shuffle_seed=None)
     rows, lines = _check_counts(tmp_path / "out", "coco", expected)
     # A list caption gives one row per caption sharing the image id; the blank one is skipped.
     assert [(r["caption"], r["image_id"]) for r in rows] == [
@@ -71,7 +76,7 @@ def test_albef_json_annotations(tmp_path):
 
 def test_img2dataset_parquet(tmp_path):
     folder, expected = make_img2dataset_input(tmp_path / "in", files=2)
-    write_dataset(tmp_path / "out", [Img2DatasetSource("cc3m", folder)], progress=False)
+    write_dataset(tmp_path / "out", [Img2DatasetSource("cc3m", folder)], progress=False, shuffle_seed=None)
     rows, _ = _check_counts(tmp_path / "out", "cc3m", expected)
     assert [r["caption"] for r in rows] == ["photo 0", "photo 1", "photo 2"]
     assert rows[0]["image_id"] == "0000000"  # the key column
@@ -90,7 +95,7 @@ def test_img2dataset_column_names_are_configurable(tmp_path):
 
 def test_webdataset_tars(tmp_path):
     folder, expected = make_webdataset_input(tmp_path / "in")
-    write_dataset(tmp_path / "out", [WebDatasetSource("wds", folder)], progress=False)
+    write_dataset(tmp_path / "out", [WebDatasetSource("wds", folder)], progress=False, shuffle_seed=None)
     rows, lines = _check_counts(tmp_path / "out", "wds", expected)
     assert [(r["image_id"], r["caption"]) for r in rows] == [
         ("000", "a cat on a mat"),
@@ -118,7 +123,7 @@ def test_combined_sources_fill_the_source_column(tmp_path):
         parse_source_spec(f"name=cc3m,format=img2dataset,path={folder}"),
         parse_source_spec(f"name=wds,format=webdataset,path={tars}/*.tar"),
     ]
-    manifest = write_dataset(tmp_path / "out", sources, shard_rows=2, progress=False)
+    manifest = write_dataset(tmp_path / "out", sources, shard_rows=2, progress=False, shuffle_seed=None)
     train_rows = parquet_expected.rows + tar_expected.rows
     assert manifest["splits"]["test"]["rows"] == json_expected.rows
     assert manifest["splits"]["train"]["rows"] == train_rows

@@ -30,7 +30,8 @@ def test_garbage_and_missing_bytes():
     checked = check_candidate(Candidate("s", "in", "id", ["text"], image=garbage(0)))
     assert checked.rows == [] and checked.skipped[0]["reason"] == "unreadable_image"
     assert "0x" not in checked.skipped[0]["detail"]  # no memory addresses: reports are reproducible
-    assert check_candidate(Candidate("s", "in", "id", ["text"], image=b"")).skipped[0]["reason"] == "missing_image"
+    assert check_candidate(Candidate("s", "in", "id", ["text"], image=None)).skipped[0]["reason"] == "missing_image"
+    assert check_candidate(Candidate("s", "in", "id", ["text"], image=b"")).skipped[0]["reason"] == "empty_image"
     assert check_candidate(Candidate("s", "in", "id", [], image=image_bytes(0))).skipped[0]["reason"] == "empty_caption"
 
 
