@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import pytest
 
@@ -172,3 +175,20 @@ def test_the_report_says_how_rows_are_ordered(tmp_path, capsys):
     assert read_manifest(tmp_path / "a")["build"]["shuffle_seed"] == 3
     assert _build(tmp_path / "b", f"name=web,format=webdataset,path={tars}", extra=["--no-shuffle"]) == 0
     assert "row order: input order" in capsys.readouterr().out
+
+
+def test_sigterm_stops_a_build_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
+    import albef_ray.data.writer as writer_module
+
+    tars, _ = make_webdataset_input(tmp_path / "tars")
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a scheduler's stop
+        time.sleep(30)
+        raise AssertionError("SIGTERM did not interrupt the build")
+
+    monkeypatch.setattr(writer_module, "write_dataset", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert _build(tmp_path / "out", f"name=web,format=webdataset,path={tars}") == 130
+    assert "interrupted; run the same command again to finish the build" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before

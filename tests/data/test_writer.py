@@ -257,3 +257,15 @@ def test_a_zero_byte_image_file_is_an_empty_image_not_a_missing_one(tmp_path):
     assert manifest["skipped"]["by_reason"] == {"empty_image": 1, "missing_image": 1}
     lines = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
     assert [(line["reason"], line["detail"]) for line in lines][0] == ("empty_image", "0-byte file")
+
+
+def test_a_manifest_of_another_tool_is_not_touched(tmp_path, inputs):
+    folder, _ = inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"files": ["a.parquet"]}')
+    for overwrite in (False, True):
+        with pytest.raises(BuildError, match="manifest.json was not written by albef-ray data build"):
+            write_dataset(out, [Img2DatasetSource("cc", folder)], overwrite=overwrite, progress=False)
+    assert (out / "manifest.json").read_text() == '{"files": ["a.parquet"]}'
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
