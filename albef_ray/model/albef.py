@@ -5,6 +5,8 @@ Shapes: B batch, N+1 image tokens of width Dv, T text tokens of width C, E proje
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +14,20 @@ from torch import nn
 from .registry import AlbefArch, get_arch
 from .text import FusionEncoder, MLMHead, TextEncoder, init_bert_weights
 from .vision import ImageEncoder
+
+
+def full_precision(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for ``t``'s device: the block runs in the dtype of its (fp32) inputs.
+
+    ITC logits reach 1 / temp (~14 at 0.07), where bf16 resolves 0.0625, over a softmax of
+    B + 65,536 columns; similarities, their targets and the projected features are fp32.
+    """
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _project(proj: nn.Linear, cls_token: torch.Tensor) -> torch.Tensor:
+    with full_precision(cls_token):  # (B, D) -> (B, E) in the weights' dtype, normalised in fp32
+        return F.normalize(proj(cls_token.to(proj.weight.dtype)).float(), dim=-1)
 
 
 class ALBEF(nn.Module):
@@ -49,12 +65,12 @@ class ALBEF(nn.Module):
         return self.text(input_ids, attention_mask)
 
     def image_features(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        """[CLS] token -> L2-normalised ITC feature (B, E)."""
-        return F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)
+        """[CLS] token -> L2-normalised ITC feature (B, E), fp32 even under autocast."""
+        return _project(self.vision_proj, image_tokens[:, 0])
 
     def text_features(self, text_hidden: torch.Tensor) -> torch.Tensor:
-        """[CLS] token -> L2-normalised ITC feature (B, E)."""
-        return F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)
+        """[CLS] token -> L2-normalised ITC feature (B, E), fp32 even under autocast."""
+        return _project(self.text_proj, text_hidden[:, 0])
 
     # -- multimodal -------------------------------------------------------------------------
     def fuse(

@@ -30,9 +30,18 @@ class MomentumEncoder(nn.Module):
     """EMA copy of the ALBEF encoders plus image/text feature queues of length K.
 
     Queues are stored (E, K) like the official code, so ``feat @ queue`` gives similarities.
-    With ``index_queue`` (retrieval fine-tuning) a third queue (K,) holds each queued pair's
-    image index, so a caption of the same image in the queue is a positive too; -1 marks a
-    slot that holds no known image (never equal to a real index, which is >= 0).
+    With ``index_queue`` a third queue (K,) holds each queued pair's image index, so a caption
+    of the same image in the queue is a positive too; -1 marks a slot that holds no known
+    image (never equal to a real index, which is >= 0). A checkpoint without it (a released
+    ALBEF, or one saved before pretraining kept indices) loads with every slot -1.
+
+    The training step (:func:`albef_ray.train.loop.train_step`) drives two more things:
+
+    * ``ema_due``: the online weights moved since the last :meth:`update`. The step runs the
+      EMA on its first micro-batch only when it is due, so the EMA runs once per applied
+      optimizer step (not per micro-batch, and not again after a skipped step).
+    * keys kept by :meth:`keep` wait for :meth:`commit` (the step was good) or :meth:`discard`
+      (it was skipped), so a non-finite batch never reaches the queues.
     """
 
     def __init__(
@@ -59,6 +68,15 @@ class MomentumEncoder(nn.Module):
         self.register_buffer(
             "index_queue", torch.full((self.queue_size,), -1, dtype=torch.long) if index_queue else None
         )
+        self.ema_due = True  # the official step 0 runs an EMA on the initial weights too
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        key = prefix + "index_queue"
+        if self.index_queue is not None and key in missing_keys:  # no indices saved: no known image
+            missing_keys.remove(key)
+            self.index_queue.fill_(-1)
 
     def _pairs(self, model: ALBEF) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         online = dict(model.named_parameters())
@@ -76,6 +94,31 @@ class MomentumEncoder(nn.Module):
         p_m, p = self._pairs(model)
         torch._foreach_mul_(p_m, m)
         torch._foreach_add_(p_m, p, alpha=1.0 - m)
+        self.ema_due = False
+
+    @torch.no_grad()
+    def keep(self, image_feat: torch.Tensor, text_feat: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Hold one micro-batch's momentum keys (B, E) until :meth:`commit` or :meth:`discard`."""
+        self.pending.append((image_feat.detach(), text_feat.detach(), None if index is None else index.detach()))
+
+    @torch.no_grad()
+    def pending_finite(self) -> bool:
+        """Whether every kept key is finite (True when none are kept)."""
+        if not self.pending:
+            return True
+        flags = torch.stack([torch.isfinite(t).all() for keys in self.pending for t in keys[:2]])
+        return bool(flags.all())
+
+    @torch.no_grad()
+    def commit(self, gather=concat_all_gather) -> None:
+        """Enqueue the kept keys, one :meth:`enqueue` per micro-batch in order (a collective per call)."""
+        pending, self.pending = self.pending, []
+        for image_feat, text_feat, index in pending:
+            self.enqueue(image_feat, text_feat, gather, index)
+
+    def discard(self) -> None:
+        """Drop the kept keys (their step was skipped)."""
+        self.pending = []
 
     @torch.no_grad()
     def enqueue(

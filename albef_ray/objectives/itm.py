@@ -66,6 +66,54 @@ def sample_negatives(
         return _sample_rows(w_t2i, generator, exclude), _sample_rows(w_i2t, generator, exclude)
 
 
+def same_image(image_idx: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, B) bool, True where pairs i and j show the same image; None without indices."""
+    return None if image_idx is None else image_idx[:, None] == image_idx[None, :]
+
+
+def itm_pairs(
+    text_hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    sim_i2t: torch.Tensor | None,
+    sim_t2i: torch.Tensor | None,
+    hard: bool,
+    generator: torch.Generator | None = None,
+    image_idx: torch.Tensor | None = None,
+    negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The ITM rows of one fusion pass, in the official order, for both tasks.
+
+    Rows: (text i, image i) for every i, then (text i, image ``neg_image[i]``), then (text
+    ``neg_text[i]``, image i); a batch of one has positives only. Negatives are drawn by
+    :func:`sample_negatives` (hard: from the ITC similarities) unless given, never from a
+    pair of the same image when ``image_idx`` is given (captions of one image are not
+    negatives of each other).
+
+    Args:
+        text_hidden: (B, T, C) text encoder states; attention_mask: (B, T).
+        sim_i2t, sim_t2i: (B, >=B) ITC similarities (used when ``hard``).
+        image_idx: (B,) int64 image index of each pair, or None (every pair its own image).
+        negatives: (neg_image (B,), neg_text (B,)) to use instead of sampling.
+
+    Returns:
+        ``text`` (P, T, C), ``mask`` (P, T), ``image_index`` (P,) into the batch's images,
+        and the negatives used (None when B = 1); P = 3B (B when B = 1).
+    """
+    b = text_hidden.shape[0]
+    arange = torch.arange(b, device=text_hidden.device)
+    if b < 2:
+        return text_hidden, attention_mask, arange, None
+    if negatives is None:
+        negatives = sample_negatives(
+            sim_i2t.detach() if hard else None, sim_t2i.detach() if hard else None,
+            b, hard, generator, text_hidden.device, exclude=same_image(image_idx),
+        )
+    neg_image, neg_text = negatives
+    text = torch.cat([text_hidden, text_hidden, text_hidden[neg_text]])
+    mask = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
+    return text, mask, torch.cat([arange, neg_image, arange]), negatives
+
+
 def itm_loss(logits: torch.Tensor, num_positive: int) -> dict[str, torch.Tensor]:
     """Cross-entropy on (P + Nn, 2) logits whose first ``num_positive`` rows are matched pairs."""
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)

@@ -3,6 +3,9 @@
 One ``forward`` is one training micro-step (so DDP can wrap the task): EMA update of the
 momentum encoders, ITC against batch + queue, ITM with sampled negatives, MLM, optional
 momentum distillation, then enqueue. The schedule value ``alpha`` comes in as an argument.
+Called directly in training mode it runs the EMA and the enqueue as the official forward
+does; :func:`~albef_ray.train.loop.train_step` instead runs the EMA once per optimizer
+step and enqueues only once the step is known good (``update_momentum`` / ``enqueue``).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from torch import nn
 from ..config import AlbefConfig
 from ..model.albef import ALBEF
 from ..model.momentum import MomentumEncoder
-from .itc import itc_loss, itc_targets
-from .itm import itm_loss, sample_negatives
+from .itc import contrastive
+from .itm import itm_loss, itm_pairs
 from .mlm import IGNORE, SpecialTokens, mask_tokens, mlm_loss
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,10 @@ class PretrainTask(nn.Module):
         self.cfg = cfg
         self.special = special
         self.momentum = (
-            MomentumEncoder(model, cfg.momentum.momentum, cfg.momentum.queue_size, use_queue=cfg.itc.enabled)
+            MomentumEncoder(
+                model, cfg.momentum.momentum, cfg.momentum.queue_size,
+                use_queue=cfg.itc.enabled, index_queue=cfg.itc.enabled,
+            )
             if cfg.uses_momentum
             else None
         )
@@ -53,6 +59,8 @@ class PretrainTask(nn.Module):
         itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_outputs: bool = False,
         image_idx: torch.Tensor | None = None,
+        update_momentum: bool = True,
+        enqueue: bool = True,
     ) -> dict[str, torch.Tensor]:
         """One pretraining step's losses.
 
@@ -63,9 +71,15 @@ class PretrainTask(nn.Module):
             generator: RNG for masking and negative sampling (reproducible steps).
             mlm_input: (masked_ids, labels) to use instead of sampling a mask.
             itm_negatives: (neg_image (B,), neg_text (B,)) instead of sampling negatives.
-            return_outputs: also return similarities and full ITM / MLM logits (fidelity checks).
-            image_idx: ignored (shard batches carry it for retrieval fine-tuning); pretraining
-                treats every pair as its own image, as the paper does.
+            return_outputs: also return similarities, ITC targets, negatives and full ITM /
+                MLM logits (fidelity checks).
+            image_idx: (B,) int64 image index of each pair (shard batches carry it): captions
+                of one image are ITC positives of each other (in the batch and the queue) and
+                never each other's ITM negatives. None: every pair is its own image, as the
+                official pretraining assumes.
+            update_momentum: run the EMA before the momentum forward (training mode only).
+            enqueue: write the momentum keys to the queues at the end (training mode only);
+                False keeps them for ``momentum.commit()`` / ``momentum.discard()``.
 
         Returns:
             ``loss`` (weighted sum), each enabled ``*_loss``, and detached metrics.
@@ -76,6 +90,8 @@ class PretrainTask(nn.Module):
         with torch.no_grad():
             model.temp.clamp_(cfg.model.temp_min, cfg.model.temp_max)
         temp = model.temp
+        if image_idx is not None:
+            image_idx = image_idx.to(device=image.device, dtype=torch.long)
 
         # ---- masking: the masked caption rides along with the clean one through the text encoder
         if cfg.mlm.enabled:
@@ -93,16 +109,12 @@ class PretrainTask(nn.Module):
         image_tokens = model.encode_image(image)  # (B, 1+N, Dv)
         text_all = model.encode_text(ids_all, mask_all)  # (B or 2B, T, C)
         text_hidden = text_all[:b]
-        need_feats = cfg.itc.enabled
-        if need_feats:
-            image_feat = model.image_features(image_tokens)  # (B, E)
-            text_feat = model.text_features(text_hidden)
 
         # ---- momentum encoders (no grad): EMA first, as the official code does each step
         alpha_itc = alpha if cfg.mod.itc else 0.0
         alpha_mlm = alpha if (cfg.mod.mlm and cfg.mlm.enabled) else 0.0
         if mom is not None:
-            if self.training:
+            if self.training and update_momentum:
                 mom.update(model)
             with torch.no_grad():
                 m = mom.model
@@ -111,47 +123,36 @@ class PretrainTask(nn.Module):
                 m_mask = mask_all if cfg.itc.enabled else mask_all[b:]
                 m_text_all = m.encode_text(m_ids, m_mask) if (cfg.itc.enabled or alpha_mlm > 0) else None
                 if cfg.itc.enabled:
-                    m_image_feat = m.image_features(m_image_tokens)
+                    m_image_feat = m.image_features(m_image_tokens)  # (B, E) fp32
                     m_text_feat = m.text_features(m_text_all[:b])
-                    image_bank = torch.cat([m_image_feat.T, mom.image_queue.clone()], dim=1)  # (E, B+K)
-                    text_bank = torch.cat([m_text_feat.T, mom.text_queue.clone()], dim=1)
 
-        # ---- ITC (Eq. 1-2; MoD targets Eq. 4)
+        # ---- ITC (Eq. 1-2; MoD targets Eq. 4), fp32
+        sim_i2t = sim_t2i = None
         if cfg.itc.enabled:
-            sim_i2t = image_feat @ text_bank / temp  # (B, B+K)
-            sim_t2i = text_feat @ image_bank / temp
-            if alpha_itc > 0:
-                with torch.no_grad():
-                    t_i2t = itc_targets(sim_i2t, m_image_feat @ text_bank / temp, alpha_itc)
-                    t_t2i = itc_targets(sim_t2i, m_text_feat @ image_bank / temp, alpha_itc)
-            else:
-                t_i2t, t_t2i = itc_targets(sim_i2t), itc_targets(sim_t2i)
-            out.update(itc_loss(sim_i2t, sim_t2i, t_i2t, t_t2i))
+            losses, itc = contrastive(
+                model.image_features(image_tokens), model.text_features(text_hidden), m_image_feat, m_text_feat,
+                mom.image_queue, mom.text_queue, temp, alpha_itc, image_idx, mom.index_queue,
+            )
+            out.update(losses)
+            sim_i2t, sim_t2i = itc["sim_i2t"], itc["sim_t2i"]
             if return_outputs:
-                out["sim_i2t"], out["sim_t2i"] = sim_i2t.detach(), sim_t2i.detach()
+                out.update(sim_i2t=sim_i2t.detach(), sim_t2i=sim_t2i.detach(),
+                           target_i2t=itc["target_i2t"], target_t2i=itc["target_t2i"])
 
         # ---- one fusion pass for ITM positives, ITM negatives and MLM (rows share image K/V)
-        arange = torch.arange(b, device=image.device)
         rows, masks, index = [], [], []
         n_itm = 0
         if cfg.itm.enabled:
-            rows.append(text_hidden); masks.append(attention_mask); index.append(arange)
-            n_itm = b
-            if b >= 2:
-                if itm_negatives is None:
-                    itm_negatives = sample_negatives(
-                        sim_i2t.detach() if cfg.itm.hard_negatives else None,
-                        sim_t2i.detach() if cfg.itm.hard_negatives else None,
-                        b, cfg.itm.hard_negatives, generator, image.device,
-                    )
-                neg_image, neg_text = itm_negatives
-                # (text i, image neg_image[i]) then (text neg_text[i], image i), as the official order
-                rows += [text_hidden, text_hidden[neg_text]]
-                masks += [attention_mask, attention_mask[neg_text]]
-                index += [neg_image, arange]
-                n_itm = 3 * b
+            text, mask, image_index, itm_negatives = itm_pairs(
+                text_hidden, attention_mask, sim_i2t, sim_t2i, cfg.itm.hard_negatives, generator,
+                image_idx, itm_negatives,
+            )
+            rows.append(text); masks.append(mask); index.append(image_index)
+            n_itm = text.shape[0]
+            if return_outputs and itm_negatives is not None:
+                out.update(neg_image=itm_negatives[0], neg_text=itm_negatives[1])
         if cfg.mlm.enabled:
-            rows.append(text_all[b:]); masks.append(attention_mask); index.append(arange)
+            rows.append(text_all[b:]); masks.append(attention_mask); index.append(torch.arange(b, device=image.device))
         if rows:
             fused = model.fuse(torch.cat(rows), torch.cat(masks), image_tokens, torch.cat(index))
 
@@ -175,7 +176,8 @@ class PretrainTask(nn.Module):
                 out["mlm_logits"] = model.mlm_logits(fused_mlm).detach()
 
         if cfg.itc.enabled and self.training:
-            mom.enqueue(m_image_feat, m_text_feat)
+            index_keys = image_idx if image_idx is not None else torch.full((b,), -1, device=image.device)
+            (mom.enqueue if enqueue else mom.keep)(m_image_feat, m_text_feat, index=index_keys)
 
         weights = {"itc_loss": cfg.itc.weight, "itm_loss": cfg.itm.weight, "mlm_loss": cfg.mlm.weight}
         out["loss"] = sum(weights[k] * out[k] for k in weights if k in out)

@@ -12,6 +12,9 @@ image. Two things change from pretraining:
 
 There is no MLM. ``image_idx`` (B,) int64 comes with the batch (a stable hash of
 ``(source, image_id)``, :func:`albef_ray.data.schema.image_indices`); ``alpha`` is an argument.
+Pretraining runs the same two functions (:func:`~albef_ray.objectives.itc.contrastive`,
+:func:`~albef_ray.objectives.itm.itm_pairs`) when its batches carry ``image_idx``; here it is
+required. The EMA / enqueue protocol is :class:`~albef_ray.objectives.pretrain.PretrainTask`'s.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from torch import nn
 from ..config import AlbefConfig
 from ..model.albef import ALBEF
 from ..model.momentum import MomentumEncoder
-from .itc import index_positives, itc_loss, itc_targets
-from .itm import itm_loss, sample_negatives
+from .itc import contrastive
+from .itm import itm_loss, itm_pairs
 from .mlm import SpecialTokens
 
 
@@ -53,6 +56,8 @@ class RetrievalTask(nn.Module):
         image_idx: torch.Tensor | None = None,
         itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_outputs: bool = False,
+        update_momentum: bool = True,
+        enqueue: bool = True,
     ) -> dict[str, torch.Tensor]:
         """One fine-tuning step's losses.
 
@@ -64,6 +69,9 @@ class RetrievalTask(nn.Module):
             image_idx: (B,) int64 image index of each pair; equal for captions of one image.
             itm_negatives: (neg_image (B,), neg_text (B,)) instead of sampling negatives.
             return_outputs: also return similarities, targets and ITM logits.
+            update_momentum: run the EMA before the momentum forward (training mode only).
+            enqueue: enqueue the momentum keys at the end (training mode only); False keeps
+                them for ``momentum.commit()`` / ``momentum.discard()``.
 
         Returns:
             ``loss`` (weighted sum), ``itc_loss``, ``itm_loss``, accuracies and ``temp``.
@@ -80,56 +88,36 @@ class RetrievalTask(nn.Module):
 
         image_tokens = model.encode_image(image)  # (B, 1+N, Dv)
         text_hidden = model.encode_text(input_ids, attention_mask)  # (B, T, C)
-        image_feat = model.image_features(image_tokens)  # (B, E)
-        text_feat = model.text_features(text_hidden)
 
         with torch.no_grad():
-            if self.training:
+            if self.training and update_momentum:
                 mom.update(model)
             m = mom.model
-            m_image_feat = m.image_features(m.encode_image(image))  # (B, E)
+            m_image_feat = m.image_features(m.encode_image(image))  # (B, E) fp32
             m_text_feat = m.text_features(m.encode_text(input_ids, attention_mask))
-            image_bank = torch.cat([m_image_feat.T, mom.image_queue.clone()], dim=1)  # (E, B+K)
-            text_bank = torch.cat([m_text_feat.T, mom.text_queue.clone()], dim=1)
-            index_bank = torch.cat([image_idx, mom.index_queue.clone()])  # (B+K,)
-            positives = index_positives(image_idx, index_bank)  # (B, B+K) bool
 
         # ---- ITC with every caption of the same image a positive (both directions share it)
-        sim_i2t = image_feat @ text_bank / temp  # (B, B+K)
-        sim_t2i = text_feat @ image_bank / temp
-        alpha_itc = alpha if cfg.mod.itc else 0.0
-        with torch.no_grad():
-            sim_i2t_m = m_image_feat @ text_bank / temp if alpha_itc > 0 else None
-            sim_t2i_m = m_text_feat @ image_bank / temp if alpha_itc > 0 else None
-            t_i2t = itc_targets(sim_i2t, sim_i2t_m, alpha_itc, positives)
-            t_t2i = itc_targets(sim_t2i, sim_t2i_m, alpha_itc, positives)
-        out.update(itc_loss(sim_i2t, sim_t2i, t_i2t, t_t2i, positives))
+        losses, itc = contrastive(
+            model.image_features(image_tokens), model.text_features(text_hidden), m_image_feat, m_text_feat,
+            mom.image_queue, mom.text_queue, temp, alpha if cfg.mod.itc else 0.0, image_idx, mom.index_queue,
+        )
+        out.update(losses)
 
         # ---- ITM: positives, then (text i, image neg_image[i]), then (text neg_text[i], image i)
-        arange = torch.arange(b, device=image.device)
-        rows, masks, index = [text_hidden], [attention_mask], [arange]
-        if b >= 2:
-            if itm_negatives is None:
-                same_image = image_idx[:, None] == image_idx[None, :]  # (B, B)
-                itm_negatives = sample_negatives(
-                    sim_i2t.detach(), sim_t2i.detach(), b, cfg.itm.hard_negatives, generator, image.device,
-                    exclude=same_image,
-                )
-            neg_image, neg_text = itm_negatives
-            rows += [text_hidden, text_hidden[neg_text]]
-            masks += [attention_mask, attention_mask[neg_text]]
-            index += [neg_image, arange]
-        fused = model.fuse(torch.cat(rows), torch.cat(masks), image_tokens, torch.cat(index))
-        logits = model.itm_logits(fused)  # (B or 3B, 2)
+        text, mask, image_index, itm_negatives = itm_pairs(
+            text_hidden, attention_mask, itc["sim_i2t"], itc["sim_t2i"], cfg.itm.hard_negatives, generator,
+            image_idx, itm_negatives,
+        )
+        logits = model.itm_logits(model.fuse(text, mask, image_tokens, image_index))  # (B or 3B, 2)
         out.update(itm_loss(logits, num_positive=b))
 
         if self.training:
-            mom.enqueue(m_image_feat, m_text_feat, index=image_idx)
+            (mom.enqueue if enqueue else mom.keep)(m_image_feat, m_text_feat, index=image_idx)
 
         if return_outputs:
-            out.update(sim_i2t=sim_i2t.detach(), sim_t2i=sim_t2i.detach(), target_i2t=t_i2t, target_t2i=t_t2i,
-                       itm_logits=logits.detach())
-            if b >= 2:
+            out.update(sim_i2t=itc["sim_i2t"].detach(), sim_t2i=itc["sim_t2i"].detach(),
+                       target_i2t=itc["target_i2t"], target_t2i=itc["target_t2i"], itm_logits=logits.detach())
+            if itm_negatives is not None:
                 out.update(neg_image=itm_negatives[0], neg_text=itm_negatives[1])
         out["loss"] = cfg.itc.weight * out["itc_loss"] + cfg.itm.weight * out["itm_loss"]
         out["temp"] = temp.detach()

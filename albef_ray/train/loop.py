@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -29,7 +30,7 @@ Batch = Mapping[str, object]
 # fidelity checks fix masks and negatives with them).
 FORWARD_KEYS = ("mlm_input", "itm_negatives")
 # Optional per-row tensors split with the batch and handed to the task's forward
-# (``image_idx``: retrieval fine-tuning's image index; the pretraining task ignores it).
+# (``image_idx``: each pair's image index; both tasks keep captions of one image apart).
 ROW_KEYS = ("image_idx",)
 
 
@@ -82,6 +83,21 @@ def split_batch(batch: Batch, parts: int) -> list[dict[str, object]]:
     return [{k: v[i] for k, v in chunks.items()} for i in range(parts)]
 
 
+def _unwrap(task: nn.Module) -> nn.Module:
+    while hasattr(task, "module"):  # DDP (and test wrappers) keep the task as .module
+        task = task.module
+    return task
+
+
+def all_ranks_agree(ok: bool, device: torch.device) -> bool:
+    """``ok`` on every rank (one all-reduce of a flag under torch.distributed, else ``ok``)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def to_device(batch: Batch, device: torch.device) -> dict[str, object]:
     """Tensors of ``batch`` moved to ``device``; other entries unchanged."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -116,9 +132,18 @@ def train_step(
         by their size), ``lr``, ``alpha``, ``grad_norm`` (before clipping) and ``skipped``
         (1.0 when the loss or the gradient was non-finite and no update was made).
 
+    Momentum encoder and queues (when the task has ``momentum``, a
+    :class:`~albef_ray.model.momentum.MomentumEncoder`): the EMA runs once per optimizer
+    step, before the first micro-batch's momentum forward (the official order), and only
+    if the previous step changed the weights (``momentum.ema_due``). Every micro-batch's
+    momentum keys are kept and enqueued after the step, one micro-batch after another,
+    only when the step is applied; so all micro-batches of a step see the same momentum
+    encoder and the queue as the previous step left it.
+
     Every micro-batch runs backward even after a non-finite loss, so DDP ranks stay in
-    step: the NaN reaches every rank's gradient through the all-reduce and each rank then
-    skips the same step. The task's momentum update and enqueue still happened.
+    step. Whether the step is applied is agreed across ranks (:func:`all_ranks_agree`):
+    every loss, the gradient norm and every momentum key must be finite on every rank;
+    otherwise no rank updates weights, optimizer state, EMA or queues.
     """
     micro = list(batch) if isinstance(batch, Sequence) else split_batch(batch, cfg.optim.grad_accum)
     sizes = [int(mb["input_ids"].shape[0]) for mb in micro]
@@ -128,6 +153,9 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
 
     device = micro[0]["input_ids"].device
+    momentum = getattr(_unwrap(task), "momentum", None)
+    if momentum is not None:
+        momentum.discard()  # keys of an interrupted step
     sums: dict[str, float] = {}
     loss_finite = True
     for i, mb in enumerate(micro):
@@ -135,11 +163,12 @@ def train_step(
         # DDP: all-reduce gradients only on the last micro-batch.
         last = i == len(micro) - 1
         sync = contextlib.nullcontext() if last or not hasattr(task, "no_sync") else task.no_sync()
+        step_kwargs = {} if momentum is None else {"update_momentum": i == 0 and momentum.ema_due, "enqueue": False}
         with sync:
             with autocast_context(cfg.train.precision, device):
                 out = task(
                     mb["image"], mb["input_ids"], mb["attention_mask"], alpha=alpha, generator=generator,
-                    **{k: mb[k] for k in FORWARD_KEYS + ROW_KEYS if k in mb},
+                    **{k: mb[k] for k in FORWARD_KEYS + ROW_KEYS if k in mb}, **step_kwargs,
                 )
             (out["loss"] * weight).backward()
         scalars = {
@@ -152,13 +181,19 @@ def train_step(
 
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-    skipped = not (loss_finite and torch.isfinite(grad_norm))
+    finite = loss_finite and bool(torch.isfinite(grad_norm)) and (momentum is None or momentum.pending_finite())
+    skipped = not all_ranks_agree(finite, device)
     if skipped:
         optimizer.zero_grad(set_to_none=True)
+        if momentum is not None:
+            momentum.discard()
     else:
         if cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.grad_clip, grad_norm)
         optimizer.step()
+        if momentum is not None:
+            momentum.commit()
+            momentum.ema_due = True
     return {**sums, "lr": lr, "alpha": alpha, "grad_norm": float(grad_norm), "skipped": float(skipped)}
 
 

@@ -167,18 +167,93 @@ def test_loss_weights_apply():
 
 def test_step_enqueues_and_updates_momentum():
     cfg = tiny_cfg()
-    task, out = _run(cfg)
+    torch.manual_seed(0)
+    model = build_model("albef_tiny", text_dropout=0.0)
+    task = PretrainTask(model, cfg).train()
+    with torch.no_grad():  # momentum weights apart from the online ones, so the EMA shows
+        for p in task.momentum.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m = cfg.momentum.momentum
+    online = dict(model.named_parameters())
+    expected = {n: m * p.detach() + (1 - m) * online[n].detach() for n, p in task.momentum.model.named_parameters()}
+    image, ids, att = make_batch(model.arch, b=4)
+    out = task(image, ids, att, alpha=0.4, generator=torch.Generator().manual_seed(0))
+
+    for n, p in task.momentum.model.named_parameters():
+        torch.testing.assert_close(p, expected[n], rtol=0, atol=1e-6, msg=n)
     assert int(task.momentum.queue_ptr) == 4
+    with torch.no_grad():  # the queued keys come from the updated momentum encoder (official order)
+        mm = task.momentum.model
+        keys = mm.image_features(mm.encode_image(image)).T, mm.text_features(mm.encode_text(ids, att)).T
+    torch.testing.assert_close(task.momentum.image_queue[:, :4], keys[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(task.momentum.text_queue[:, :4], keys[1], rtol=0, atol=1e-5)
+    assert task.momentum.index_queue[:4].eq(-1).all()  # no image_idx: no known image
     out["loss"].backward()
     grads = [n for n, p in task.named_parameters() if p.grad is not None]
     assert any(n.startswith("model.vision") for n in grads) and any(n.startswith("model.fusion") for n in grads)
     assert not any(n.startswith("momentum") for n in grads)
 
 
-def test_batch_of_one_does_not_fail():
-    cfg = tiny_cfg(train={"batch_size": 1})
-    _, out = _run(cfg, b=1)
-    assert torch.isfinite(out["loss"]) and "itm_loss" in out
+def test_batch_of_one_has_positive_only_itm_and_one_itc_column_of_its_own():
+    cfg = tiny_cfg(train={"batch_size": 1}, mod={"alpha": 0.0})
+    torch.manual_seed(0)
+    model = build_model("albef_tiny")
+    task = PretrainTask(model, cfg).train()
+    image, ids, att = make_batch(model.arch, b=1)
+    before = {n: p.detach().clone() for n, p in task.momentum.model.named_parameters()}
+    out = task(image, ids, att, generator=torch.Generator().manual_seed(0), return_outputs=True)
+    assert out["itm_logits"].shape == (1, 2) and "neg_image" not in out  # no negative to pair with
+    torch.testing.assert_close(out["itm_loss"], -F.log_softmax(out["itm_logits"], dim=1)[0, 1])
+    assert out["sim_i2t"].shape == (1, 1 + cfg.momentum.queue_size)
+    expected_itc = (F.cross_entropy(out["sim_i2t"], torch.tensor([0])) + F.cross_entropy(out["sim_t2i"], torch.tensor([0]))) / 2
+    torch.testing.assert_close(out["itc_loss"], expected_itc)
+    torch.testing.assert_close(out["loss"], out["itc_loss"] + out["itm_loss"] + out["mlm_loss"])
+    assert int(task.momentum.queue_ptr) == 1
+    m, online = cfg.momentum.momentum, dict(model.named_parameters())
+    for n, p in task.momentum.model.named_parameters():
+        torch.testing.assert_close(p, m * before[n] + (1 - m) * online[n].detach(), rtol=0, atol=1e-6, msg=n)
+
+
+def test_same_image_captions_are_not_negatives_in_pretraining():
+    cfg = tiny_cfg(mod={"alpha": 0.0})
+    torch.manual_seed(0)
+    model = build_model("albef_tiny")
+    task = PretrainTask(model, cfg).eval()  # no EMA / enqueue: every call sees the same state
+    image, ids, att = make_batch(model.arch, b=4)
+    image[1] = image[0]  # rows 0 and 1: two captions of one image, the likeliest hard negatives
+    idx = torch.tensor([7, 7, 8, 9])
+    for seed in range(30):
+        out = task(image, ids, att, generator=torch.Generator().manual_seed(seed), image_idx=idx, return_outputs=True)
+        assert (idx[out["neg_image"]] != idx).all() and (idx[out["neg_text"]] != idx).all(), seed
+    # ITC: both captions are targets of the image and vice versa, split evenly
+    target = out["target_i2t"][:, :4]
+    torch.testing.assert_close(target[0], torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    torch.testing.assert_close(target[2], torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    torch.testing.assert_close(out["target_t2i"], out["target_i2t"])
+
+
+def test_queued_captions_of_the_same_image_are_itc_positives():
+    cfg = tiny_cfg(mod={"alpha": 0.0})
+    torch.manual_seed(0)
+    task = PretrainTask(build_model("albef_tiny"), cfg).train()
+    image, ids, att = make_batch(task.model.arch, b=4)
+    task(image, ids, att, generator=torch.Generator().manual_seed(0), image_idx=torch.tensor([1, 2, 3, 4]))
+    assert task.momentum.index_queue[:4].tolist() == [1, 2, 3, 4]
+    out = task(image, ids, att, generator=torch.Generator().manual_seed(1), image_idx=torch.tensor([5, 2, 6, 7]),
+               return_outputs=True)
+    row = out["target_i2t"][1]  # image 2: its caption in the batch (column 1) and in the queue (4 + 1)
+    assert row.nonzero().flatten().tolist() == [1, 5] and torch.allclose(row[[1, 5]], torch.tensor([0.5, 0.5]))
+    assert torch.equal(out["target_i2t"][0], torch.eye(4, 4 + 32)[0])
+
+
+def test_without_image_idx_targets_are_the_official_diagonal():
+    cfg = tiny_cfg(mod={"alpha": 0.0})
+    torch.manual_seed(0)
+    task = PretrainTask(build_model("albef_tiny"), cfg).eval()
+    image, ids, att = make_batch(task.model.arch, b=4)
+    image[1] = image[0]
+    out = task(image, ids, att, generator=torch.Generator().manual_seed(0), return_outputs=True)
+    assert torch.equal(out["target_i2t"], torch.eye(4, 4 + 32)) and torch.equal(out["target_t2i"], out["target_i2t"])
 
 
 def test_temperature_is_clamped():

@@ -231,7 +231,8 @@ def test_train_steps_with_image_idx_split_into_micro_batches():
     assert task.momentum.index_queue[:4].tolist() == [1, 1, 2, 2]  # two micro-batches of 2, in order
 
 
-def test_pretraining_task_ignores_image_idx():
+def test_pretraining_with_distinct_images_is_the_official_step():
+    # image_idx only matters where two pairs share an image: all distinct = no index at all
     cfg = retrieval_cfg()
     pretrain_cfg = build_config({"model": cfg.model.model_dump(), "momentum": {"queue_size": 8},
                                  "train": {"batch_size": 4, "num_workers": 1}})
@@ -239,8 +240,10 @@ def test_pretraining_task_ignores_image_idx():
     task = PretrainTask(build_model("albef_tiny"), pretrain_cfg).eval()
     image, ids, att = make_batch(task.model.arch, b=4)
     a = task(image, ids, att, generator=torch.Generator().manual_seed(1))
-    b = task(image, ids, att, generator=torch.Generator().manual_seed(1), image_idx=torch.tensor([1, 1, 1, 1]))
+    b = task(image, ids, att, generator=torch.Generator().manual_seed(1), image_idx=torch.tensor([3, 1, 4, 0]))
+    c = task(image, ids, att, generator=torch.Generator().manual_seed(1), image_idx=torch.tensor([1, 1, 1, 1]))
     torch.testing.assert_close(a["loss"], b["loss"])
+    assert not torch.allclose(a["itc_loss"], c["itc_loss"])  # one image: every column of the batch a positive
 
 
 def test_pretraining_checkpoint_loads_into_a_higher_resolution_retrieval_task(tmp_path):
