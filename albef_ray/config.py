@@ -159,6 +159,9 @@ class DataConfig(_Section):
     tokenizer: str = Field("bert-base-uncased", description="HF tokenizer name or directory.")
     max_text_len: int = Field(25, ge=4, description="Token limit (official pretrain: 25).")
     max_words: int = Field(30, ge=1, description="Caption cleaning word limit (official: 30).")
+    append_sep: bool = Field(
+        False, description="Captions as [CLS] text [SEP] (BERT's form); official ALBEF tokenises [CLS] text."
+    )
     shards: list[str] = Field(
         default_factory=list, description="Dataset dirs or URIs, each holding <split>/part-*.parquet."
     )

@@ -3,7 +3,8 @@
 The collated batch holds tensors only, so a Ray iterator can move it to the device whole::
 
     image           float32 (B, 3, R, R)   normalised (uint8 input is normalised here)
-    input_ids       int64   (B, T)         [CLS] caption [SEP] [PAD]..., T = longest <= max_text_len
+    input_ids       int64   (B, T)         [CLS] caption [PAD]..., T = longest <= max_text_len
+                                           (official ALBEF form; ``append_sep``: [CLS] caption [SEP])
     attention_mask  int64   (B, T)
     num_dropped     int64   ()             rows of this batch whose image failed to decode
     image_idx       int64   (B,)           only when the input has it: the image index of each
@@ -28,8 +29,14 @@ from .tokenizer import load_tokenizer  # noqa: F401  (hub name, tokenizer dir or
 from .transforms import normalize, pre_caption
 
 
-def tokenize(tokenizer, captions: Sequence[str], max_text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenise captions as the official code does: pad to the longest, truncate at ``max_text_len``.
+def tokenize(
+    tokenizer, captions: Sequence[str], max_text_len: int, append_sep: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise captions as the official ALBEF tokenizer does: ``[CLS] caption``, padded to the longest.
+
+    The official code's ``BertTokenizer`` builds ``[CLS] X`` for a single text (no [SEP]), so a
+    caption keeps ``max_text_len - 1`` word pieces; the released weights were trained so.
+    ``append_sep`` (``data.append_sep``) gives BERT's ``[CLS] X [SEP]`` instead.
 
     Returns:
         ``input_ids`` and ``attention_mask``, int64 (B, T) with T <= ``max_text_len``.
@@ -37,10 +44,19 @@ def tokenize(tokenizer, captions: Sequence[str], max_text_len: int) -> tuple[tor
     if not captions:
         empty = torch.zeros((0, 0), dtype=torch.int64)
         return empty, empty.clone()
-    enc = tokenizer(
-        list(captions), padding="longest", truncation=True, max_length=max_text_len, return_tensors="pt"
-    )
-    return enc["input_ids"].to(torch.int64), enc["attention_mask"].to(torch.int64)
+    room = max_text_len - 1 - int(append_sep)
+    if room < 1:
+        raise ValueError(f"max_text_len {max_text_len} leaves no room for words")
+    pieces = tokenizer(list(captions), add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
+    tail = [tokenizer.sep_token_id] if append_sep else []
+    rows = [[tokenizer.cls_token_id, *ids, *tail] for ids in pieces]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask
 
 
 def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -57,6 +73,7 @@ def collate_batch(
     tokenizer,
     max_text_len: int,
     max_words: int | None = None,
+    append_sep: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Turn a numpy batch into model inputs, dropping and counting invalid rows.
 
@@ -68,6 +85,7 @@ def collate_batch(
         max_text_len: token limit.
         max_words: clean captions with :func:`pre_caption` at this word limit first;
             ``None`` when they were cleaned upstream.
+        append_sep: end captions with [SEP] (see :func:`tokenize`).
 
     Returns:
         ``image``, ``input_ids``, ``attention_mask``, ``num_dropped``, and ``image_idx`` when
@@ -85,7 +103,7 @@ def collate_batch(
     texts = [str(c) for c in captions]
     if max_words is not None:
         texts = [pre_caption(c, max_words) for c in texts]
-    input_ids, attention_mask = tokenize(tokenizer, texts, max_text_len)
+    input_ids, attention_mask = tokenize(tokenizer, texts, max_text_len, append_sep)
     out = {
         "image": _images_to_tensor(images),
         "input_ids": input_ids,
@@ -104,12 +122,14 @@ class CaptionCollator:
         tokenizer: ``data.tokenizer``, a hub name or a local directory.
         max_text_len: token limit.
         max_words: see :func:`collate_batch`.
+        append_sep: ``data.append_sep``, see :func:`tokenize`.
     """
 
-    def __init__(self, tokenizer: str, max_text_len: int = 25, max_words: int | None = None):
+    def __init__(self, tokenizer: str, max_text_len: int = 25, max_words: int | None = None, append_sep: bool = False):
         self.tokenizer_name = tokenizer
         self.max_text_len = max_text_len
         self.max_words = max_words
+        self.append_sep = append_sep
         self._tokenizer: Any = None
 
     @property
@@ -123,4 +143,4 @@ class CaptionCollator:
         return {**self.__dict__, "_tokenizer": None}
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return collate_batch(batch, self.tokenizer, self.max_text_len, self.max_words)
+        return collate_batch(batch, self.tokenizer, self.max_text_len, self.max_words, self.append_sep)

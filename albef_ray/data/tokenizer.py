@@ -1,9 +1,11 @@
 """Tokenizers: a small WordPiece vocabulary for the synthetic captions, and loading by name or path.
 
 :func:`train_wordpiece` trains a BERT-style WordPiece tokenizer (lower-casing, BERT
-pre-tokenisation, ``[CLS] text [SEP]``) with the ``tokenizers`` library and saves it as a
-standard Hugging Face tokenizer directory, which ``transformers.AutoTokenizer.from_pretrained``
-loads. Its special tokens come first: ``[PAD]`` = 0, ``[UNK]`` = 1, ``[CLS]`` = 2, ``[SEP]`` = 3,
+pre-tokenisation, ``[CLS] text [SEP]`` as BERT's template) with the ``tokenizers`` library and
+saves it as a standard Hugging Face tokenizer directory, which
+``transformers.AutoTokenizer.from_pretrained`` loads. Captions for the model are built by
+:func:`albef_ray.data.collate.tokenize` (``[CLS] text``, the official ALBEF form), not by the
+template. Its special tokens come first: ``[PAD]`` = 0, ``[UNK]`` = 1, ``[CLS]`` = 2, ``[SEP]`` = 3,
 ``[MASK]`` = 4; these differ from bert-base-uncased's ids, so build the MLM's special ids
 with ``SpecialTokens.from_tokenizer(tokenizer)`` rather than its defaults.
 """

@@ -267,7 +267,7 @@ def evaluate(
             f"data.tokenizer: {len(tokenizer)} tokens, more than the model's vocabulary of {albef.arch.vocab_size}"
         )
     start = time.perf_counter()
-    input_ids, attention_mask = tokenize(tokenizer, split.captions, cfg.data.max_text_len)
+    input_ids, attention_mask = tokenize(tokenizer, split.captions, cfg.data.max_text_len, cfg.data.append_sep)
     score_i2t, score_t2i = retrieval_scores(
         albef, split.images, input_ids, attention_mask, cfg.eval, device, cfg.train.precision
     )

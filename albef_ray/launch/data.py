@@ -87,15 +87,16 @@ class CaptionCollate(NumpyBatchCollateFn):
         tokenizer: hub name or local directory.
         max_text_len: token limit.
         max_words: clean captions here too (``None``: :func:`build_dataset` already did).
+        append_sep: ``data.append_sep`` (captions ``[CLS] text [SEP]`` instead of ``[CLS] text``).
     """
 
-    def __init__(self, tokenizer: str, max_text_len: int = 25, max_words: int | None = None):
+    def __init__(self, tokenizer: str, max_text_len: int = 25, max_words: int | None = None, append_sep: bool = False):
         super().__init__()
-        self.collator = CaptionCollator(tokenizer, max_text_len, max_words)
+        self.collator = CaptionCollator(tokenizer, max_text_len, max_words, append_sep)
 
     @classmethod
     def from_config(cls, cfg: AlbefConfig) -> "CaptionCollate":
-        return cls(cfg.data.tokenizer, cfg.data.max_text_len)
+        return cls(cfg.data.tokenizer, cfg.data.max_text_len, append_sep=cfg.data.append_sep)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return self.collator(batch)

@@ -2,7 +2,8 @@
 
 An image is a ``grid x grid`` layout of regions; region ``a`` shows one of ``values`` fixed
 random patterns (plus fresh Gaussian noise), and the caption names each region's pattern
-with one word, in region order: ``[CLS] w(0, v0) w(1, v1) ... [SEP] [PAD] ...``.
+with one word, in region order: ``[CLS] w(0, v0) w(1, v1) ... [PAD] ...`` (the official
+ALBEF form; ``[SEP]`` after the words with ``data.append_sep``).
 
 So the pairing is learnable yet compositional, as real captions are: ITC and ITM must see
 every region to tell a pair from a mismatch, and a masked word can only be recovered from
@@ -34,11 +35,13 @@ class SyntheticSpec:
         batch_size: B, pairs per batch.
         image_res: R, images are (3, R, R); a multiple of ``grid``.
         vocab_size: word ids are drawn below this, above the special ids.
-        max_text_len: T, captions are padded to this length (at least ``grid**2 + 2``).
+        max_text_len: T, captions are padded to this length (at least ``grid**2 + 1``,
+            ``+ 2`` with ``append_sep``).
         grid: the image has ``grid x grid`` regions, the caption one word per region.
         values: patterns (and words) per region.
         noise: std of the per-sample Gaussian noise; patterns have std 1.
         seed: fixes patterns, words and every batch.
+        append_sep: end each caption with [SEP] (``data.append_sep``).
     """
 
     batch_size: int
@@ -49,6 +52,7 @@ class SyntheticSpec:
     values: int = 16
     noise: float = 0.5
     seed: int = 0
+    append_sep: bool = False
 
     @property
     def regions(self) -> int:
@@ -57,22 +61,24 @@ class SyntheticSpec:
     def __post_init__(self) -> None:
         if self.image_res % self.grid:
             raise ValueError(f"image_res {self.image_res} is not a multiple of grid {self.grid}")
-        if self.regions + 2 > self.max_text_len:
-            raise ValueError(f"{self.regions} words + [CLS] + [SEP] exceed max_text_len {self.max_text_len}")
+        if self.regions + 1 + self.append_sep > self.max_text_len:
+            raise ValueError(f"{self.regions} words + special tokens exceed max_text_len {self.max_text_len}")
 
     @classmethod
     def from_config(cls, cfg: AlbefConfig, **kwargs) -> "SyntheticSpec":
         """Sizes from the config: per-worker batch, the model size's resolution and vocabulary."""
         arch = get_arch(cfg.model.size, cfg.model.image_res)
         grid = kwargs.get("grid", 2)
-        if min(cfg.data.max_text_len, arch.max_position) < grid * grid + 2:
-            raise ConfigError(f"data.max_text_len: generated captions need {grid * grid + 2} tokens")
+        need = grid * grid + 1 + cfg.data.append_sep
+        if min(cfg.data.max_text_len, arch.max_position) < need:
+            raise ConfigError(f"data.max_text_len: generated captions need {need} tokens")
         return cls(
             batch_size=cfg.train.batch_size,
             image_res=arch.image_res,
             vocab_size=arch.vocab_size,
             max_text_len=min(cfg.data.max_text_len, arch.max_position),
             seed=cfg.seed,
+            append_sep=cfg.data.append_sep,
             **kwargs,
         )
 
@@ -120,8 +126,9 @@ class SyntheticBatches:
         input_ids = torch.full((b, t), special.pad, dtype=torch.long)
         input_ids[:, 0] = special.cls
         input_ids[:, 1 : a + 1] = self.words[torch.arange(a), values]  # (B, A)
-        input_ids[:, a + 1] = special.sep
-        attention_mask = (torch.arange(t) < a + 2).long().expand(b, t).clone()
+        if spec.append_sep:
+            input_ids[:, a + 1] = special.sep
+        attention_mask = (torch.arange(t) < a + 1 + spec.append_sep).long().expand(b, t).clone()
         return {"image": image, "input_ids": input_ids, "attention_mask": attention_mask, "values": values}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

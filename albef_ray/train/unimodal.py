@@ -65,6 +65,7 @@ class InitSettings:
     lr: float = 2e-3
     weight_decay: float = 0.02
     seed: int = 0
+    append_sep: bool = False  # captions as pretraining tokenises them (data.append_sep)
 
 
 def _fit(params: list[torch.Tensor], batch_loss, steps: int, settings: InitSettings, warmup: int = 50) -> list[float]:
@@ -245,10 +246,10 @@ def build_synth_init(
     special = SpecialTokens.from_tokenizer(tokenizer)
     if len(tokenizer) > arch.vocab_size:
         raise ValueError(f"{root}: tokenizer has {len(tokenizer)} tokens, more than {settings.size}'s {arch.vocab_size}")
-    ids, mask = tokenize(tokenizer, train.captions, 30)
+    ids, mask = tokenize(tokenizer, train.captions, 30, settings.append_sep)
     bert, text_losses = train_text(arch, ids, mask, special, settings)
     report["text_loss"] = text_losses[-1]
-    held_ids, held_mask = tokenize(tokenizer, held_out.captions, 30)
+    held_ids, held_mask = tokenize(tokenizer, held_out.captions, 30, settings.append_sep)
     report["text_" + val_split] = evaluate_text(bert, held_ids, held_mask, special, arch.vocab_size)
     bert.save_pretrained(out / BERT_DIR)
 

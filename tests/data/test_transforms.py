@@ -243,12 +243,12 @@ def tokenizer_dir(tmp_path_factory):
 
 def test_tokenize_pads_to_longest_and_truncates(tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
-    ids, mask = tokenize(tok, ["a red circle", "a small blue square left of the large green circle"], 8)
+    ids, mask = tokenize(tok, ["a red circle", "a small blue square left of the large green circle"], 8, append_sep=True)
     assert ids.dtype == mask.dtype == torch.int64 and ids.shape == (2, 8)  # 12 tokens truncated to 8
     assert ids[0].tolist()[:5] == [tok.cls_token_id, *tok.convert_tokens_to_ids(["a", "red", "circle"]), tok.sep_token_id]
     assert mask[0].tolist() == [1] * 5 + [0] * 3 and ids[0, 5:].eq(tok.pad_token_id).all()
     assert ids[1, -1] == tok.sep_token_id and mask[1].all()
-    ids, _ = tokenize(tok, ["a red circle", "the circle"], 25)
+    ids, _ = tokenize(tok, ["a red circle", "the circle"], 25, append_sep=True)
     assert ids.shape == (2, 5)  # longest in the batch, not max_text_len
 
 
