@@ -83,11 +83,11 @@ class _RecordingStream(ShardStream):
         self.out = str(out)
 
     def decode(self, batch, epoch):
-        decoded = super().decode(batch, epoch)
-        # one file per call: decode tasks run in several processes
-        record = {"epoch": epoch, "rows": decoded["row"].tolist()}
-        (Path(self.out) / f"decoded-{uuid.uuid4().hex}.json").write_text(json.dumps(record))
-        return decoded
+        for decoded in super().decode(batch, epoch):
+            # one file per chunk: decode tasks run in several processes
+            record = {"epoch": epoch, "rows": decoded["row"].tolist()}
+            (Path(self.out) / f"decoded-{uuid.uuid4().hex}.json").write_text(json.dumps(record))
+            yield decoded
 
     def epoch_batches(self, epoch, rank, world, position, batch_size, device=None):
         batches = []
