@@ -25,6 +25,12 @@ COLUMNS = [
     ("r_mean", "mean"),
 ]
 LOSS_KEYS = ("loss", "itc_loss", "itm_loss", "mlm_loss")
+# Training curves plotted per variant: the losses, then the in-batch accuracies (ITM's on the
+# variant's own negatives: random or hard, which is what tells the two apart over training).
+CURVE_KEYS = (*LOSS_KEYS, "itc_acc", "itm_acc")
+Columns = list[tuple[str, str]]  # (metric key of a trial dict, header)
+TAG_COLUMNS = "sweep_columns"  # parent-run tag: the sweep's table columns as JSON (written by the launcher)
+LEGACY_PREFIX = "test"  # sweeps without TAG_COLUMNS logged zero-shot recalls as test/<key>
 ARTIFACT_DIR = "comparison"
 # Tags written by the sweep launcher (albef_ray/launch/sweep.py) and read here.
 TAG_SWEEP, TAG_ROLE, TAG_VARIANT, TAG_VARIANTS, TAG_TRIAL = "sweep", "sweep_role", "variant", "sweep_variants", "trial"
@@ -59,8 +65,8 @@ def mean_std(values: list[float]) -> Stat:
     return Stat(mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)))
 
 
-def summarize(trials: list[dict], order: list[str] | None = None) -> list[VariantRow]:
-    """One row per variant from trial dicts ``{"variant", "seed", "txt_r1", ...}``.
+def summarize(trials: list[dict], order: list[str] | None = None, columns: Columns = COLUMNS) -> list[VariantRow]:
+    """One row per variant from trial dicts ``{"variant", "seed", <column key>: value, ...}``.
 
     Rows follow ``order`` (the sweep file's), then any other variant in first-seen order; a
     trial missing a metric (failed, or not evaluated yet) does not count for that metric.
@@ -72,28 +78,28 @@ def summarize(trials: list[dict], order: list[str] | None = None) -> list[Varian
         mine = [t for t in trials if t["variant"] == name]
         if not mine:
             continue
-        stats = {key: mean_std([float(t[key]) for t in mine if t.get(key) is not None]) for key, _ in COLUMNS}
+        stats = {key: mean_std([float(t[key]) for t in mine if t.get(key) is not None]) for key, _ in columns}
         rows.append(VariantRow(name, sorted(int(t["seed"]) for t in mine), stats))
     return rows
 
 
-def to_markdown(rows: list[VariantRow], digits: int = 2) -> str:
-    header = ["variant", "seeds", *(title for _, title in COLUMNS)]
+def to_markdown(rows: list[VariantRow], digits: int = 2, columns: Columns = COLUMNS) -> str:
+    header = ["variant", "seeds", *(title for _, title in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row.variant, str(len(row.seeds)), *(row.stats[key].format(digits) for key, _ in COLUMNS)]
+        cells = [row.variant, str(len(row.seeds)), *(row.stats[key].format(digits) for key, _ in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def to_csv(rows: list[VariantRow]) -> str:
+def to_csv(rows: list[VariantRow], columns: Columns = COLUMNS) -> str:
     """One line per variant: ``<metric>_mean`` and ``<metric>_std`` (empty for one seed)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["variant", "seeds", *(f"{key}_{part}" for key, _ in COLUMNS for part in ("mean", "std"))])
+    writer.writerow(["variant", "seeds", *(f"{key}_{part}" for key, _ in columns for part in ("mean", "std"))])
     for row in rows:
         cells = []
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             stat = row.stats[key]
             cells += [f"{stat.mean:.4f}", "" if stat.std is None else f"{stat.std:.4f}"]
         writer.writerow([row.variant, " ".join(map(str, row.seeds)), *cells])
@@ -104,6 +110,42 @@ def ordering_holds(rows: list[VariantRow], key: str = "r_mean") -> bool:
     """True when every row's mean ``key`` is at least the previous row's (the paper's Table 1 trend)."""
     means = [row.stats[key].mean for row in rows]
     return all(b >= a for a, b in zip(means, means[1:]))
+
+
+@dataclass
+class Difference:
+    """Row ``lower`` minus the row above it (``upper``) in one column, with its standard error."""
+
+    upper: str
+    lower: str
+    column: str
+    diff: float
+    se: float | None  # sqrt(s1^2/n1 + s2^2/n2); None when either row has a single seed
+
+    @property
+    def significant(self) -> bool | None:
+        """Whether |diff| exceeds 2 standard errors (None: no spread to judge by)."""
+        if self.se is None or math.isnan(self.diff):
+            return None
+        return abs(self.diff) > 2 * self.se
+
+    def format(self) -> str:
+        if self.se is None:
+            return f"{self.lower} vs {self.upper}, {self.column}: {self.diff:+.2f} (one seed: no standard error)"
+        verdict = "exceeds" if self.significant else "within"
+        return f"{self.lower} vs {self.upper}, {self.column}: {self.diff:+.2f} ± {self.se:.2f} (SE), {verdict} 2 SE"
+
+
+def adjacent_differences(rows: list[VariantRow], columns: Columns) -> list[Difference]:
+    """Each row against the row above it, per column: the difference of means and its standard error."""
+    out = []
+    for upper, lower in zip(rows, rows[1:]):
+        for key, title in columns:
+            a, b = upper.stats[key], lower.stats[key]
+            na, nb = len(upper.seeds), len(lower.seeds)
+            se = None if a.std is None or b.std is None else math.sqrt(a.std**2 / na + b.std**2 / nb)
+            out.append(Difference(upper.variant, lower.variant, title, b.mean - a.mean, se))
+    return out
 
 
 # ----------------------------------------------------------------------------- figures
@@ -118,19 +160,20 @@ def _pyplot():
     return plt
 
 
-def plot_recalls(rows: list[VariantRow], path: Path) -> Path:
-    """Grouped bars: one group per recall column, one bar per variant, std as error bars."""
+def plot_recalls(rows: list[VariantRow], path: Path, columns: Columns = COLUMNS) -> Path:
+    """Grouped bars: one group per recall column (percent), one bar per variant, std as error bars."""
     plt = _pyplot()
+    columns = [(key, title) for key, title in columns if not key.endswith("itm_acc")]  # not a percentage
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / max(1, len(rows))
     for i, row in enumerate(rows):
-        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(COLUMNS))]
-        means = [row.stats[key].mean for key, _ in COLUMNS]
-        errs = [row.stats[key].std or 0.0 for key, _ in COLUMNS]
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(columns))]
+        means = [row.stats[key].mean for key, _ in columns]
+        errs = [row.stats[key].std or 0.0 for key, _ in columns]
         ax.bar(xs, means, width, yerr=errs, capsize=2, label=row.variant)
-    ax.set_xticks(range(len(COLUMNS)), [title for _, title in COLUMNS])
+    ax.set_xticks(range(len(columns)), [title for _, title in columns])
     ax.set_ylabel("recall (%)")
-    ax.set_title("zero-shot retrieval on the held-out split")
+    ax.set_title("retrieval on the held-out split (mean ± std over seeds)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -146,7 +189,7 @@ def plot_loss_curves(curves: dict[str, dict[str, list[list[tuple[int, float]]]]]
     objective has its own panel because the total ``loss`` sums different objectives per variant.
     """
     plt = _pyplot()
-    keys = [k for k in LOSS_KEYS if curves.get(k)]
+    keys = [k for k in CURVE_KEYS if curves.get(k)]
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for variant, runs in curves[key].items():
@@ -208,8 +251,17 @@ def find_parent(client, sweep: str | None = None, run_id: str | None = None, exp
     return runs[0]
 
 
-def read_trials(client, parent) -> list[dict]:
-    """The parent's child runs as trial dicts: variant, seed, status, run id and final metrics."""
+def sweep_columns(parent) -> Columns:
+    """The table columns the sweep recorded on its parent run; legacy sweeps: the zero-shot recalls."""
+    recorded = parent.data.tags.get(TAG_COLUMNS)
+    if recorded:
+        return [(key, title) for key, title in json.loads(recorded)]
+    return [(f"{LEGACY_PREFIX}/{key}", title) for key, title in COLUMNS]
+
+
+def read_trials(client, parent, columns: Columns | None = None) -> list[dict]:
+    """The parent's child runs as trial dicts: variant, seed, status, run id and the columns' final metrics."""
+    columns = columns or sweep_columns(parent)
     runs = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
         max_results=10_000,
@@ -217,11 +269,10 @@ def read_trials(client, parent) -> list[dict]:
     trials = []
     for run in runs:
         tags, params = run.data.tags, run.data.params
-        split = params.get("eval.split", "test")  # retrieval metrics are logged as <split>/<key>
         trials.append({
             "variant": tags.get(TAG_VARIANT, run.info.run_name), "seed": int(params.get("seed", 0)),
             "trial": tags.get(TAG_TRIAL, run.info.run_name), "run_id": run.info.run_id, "status": run.info.status,
-            **{key: run.data.metrics.get(f"{split}/{key}") for key, _ in COLUMNS},
+            **{key: run.data.metrics.get(key) for key, _ in columns},
         })
     return sorted(trials, key=lambda t: t["trial"])
 
@@ -229,7 +280,7 @@ def read_trials(client, parent) -> list[dict]:
 def read_curves(client, trials: list[dict]) -> dict[str, dict[str, list[list[tuple[int, float]]]]]:
     curves: dict[str, dict[str, list]] = {}
     for trial in trials:
-        for key in LOSS_KEYS:
+        for key in CURVE_KEYS:
             hist = client.get_metric_history(trial["run_id"], key)
             if hist:
                 points = sorted((m.step, m.value) for m in hist)
@@ -255,19 +306,21 @@ def compare_sweep(uri: str, out_dir: str | Path, sweep: str | None = None, run_i
     client = MlflowClient(tracking_uri=uri)
     parent = find_parent(client, sweep, run_id)
     order = json.loads(parent.data.tags.get(TAG_VARIANTS, "[]"))
-    trials = read_trials(client, parent)
+    columns = sweep_columns(parent)
+    trials = read_trials(client, parent, columns)
     if not trials:
         raise LookupError(f"parent run {parent.info.run_id} has no trial runs")
-    evaluated = [t for t in trials if t.get("r_mean") is not None]
-    rows = summarize(evaluated, order)
+    evaluated = [t for t in trials if any(t.get(key) is not None for key, _ in columns)]
+    rows = summarize(evaluated, order, columns)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    markdown = to_markdown(rows)
+    markdown = to_markdown(rows, columns=columns)
+    differences = adjacent_differences(rows, [c for c in columns if not c[0].endswith("itm_acc")])
     files = [out / "table.md", out / "table.csv"]
-    files[0].write_text(markdown)
-    files[1].write_text(to_csv(rows))
+    files[0].write_text(markdown + "".join(f"\n- {d.format()}" for d in differences) + "\n")
+    files[1].write_text(to_csv(rows, columns))
     if rows:
-        files.append(plot_recalls(rows, out / "recalls.png"))
+        files.append(plot_recalls(rows, out / "recalls.png", columns))
     rank = {name: i for i, name in enumerate(order)}
     curves = read_curves(client, sorted(trials, key=lambda t: rank.get(t["variant"], len(rank))))  # legend order
     if curves:
@@ -277,11 +330,12 @@ def compare_sweep(uri: str, out_dir: str | Path, sweep: str | None = None, run_i
     name = parent.data.tags.get(TAG_SWEEP, parent.info.run_name)
     echo(f"sweep {name} (MLflow parent run {parent.info.run_id}): {len(evaluated)} of {len(trials)} trials evaluated")
     echo(markdown.rstrip())
-    missing = [f"{t['trial']} ({t['status']})" for t in trials if t.get("r_mean") is None]
+    missing = [f"{t['trial']} ({t['status']})" for t in trials if t not in evaluated]
     if missing:
-        echo(f"not in the table (no retrieval metrics): {', '.join(missing)}")
-    if len(rows) > 1:
-        verdict = "holds" if ordering_holds(rows) else "does not hold"
-        echo(f"ordering (each row's mean recall >= the previous row's): {verdict}")
+        echo(f"not in the table (no metrics): {', '.join(missing)}")
+    if differences:
+        echo("each row against the row above (difference of means, standard error over seeds):")
+        for difference in differences:
+            echo(f"  {difference.format()}")
     echo(f"written: {', '.join(str(p) for p in files)} (also parent-run artifacts in {ARTIFACT_DIR}/)")
     return Comparison(parent.info.run_id, rows, trials, files, markdown)

@@ -147,6 +147,9 @@ class TrackingConfig(_Section):
     )
     experiment: str = Field("albef-ray", description="MLflow experiment name.")
     tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow tags (e.g. ablation name).")
+    metric_prefix: str = Field(
+        "", description="Prepended to every logged metric (a sweep's fine-tuning stage: 'retrieval/')."
+    )
 
 
 class DataConfig(_Section):
@@ -164,6 +167,9 @@ class DataConfig(_Section):
     )
     shards: list[str] = Field(
         default_factory=list, description="Dataset dirs or URIs, each holding <split>/part-*.parquet."
+    )
+    train_split: str = Field(
+        "train", description="Split of data.shards to train on (e.g. a clean fine-tuning split)."
     )
     crop_scale: tuple[float, float] = Field(
         (0.2, 1.0), description="RandomResizedCrop area fraction (official pretrain: 0.2-1.0)."

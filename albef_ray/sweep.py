@@ -32,6 +32,38 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .config import AlbefConfig, ConfigError, build_config, load_yaml, parse_override, set_dotted
 
 
+class StageSpec(BaseModel):
+    """A downstream stage of every trial: fine-tune the pretrained checkpoint, then evaluate it.
+
+    The stage's config is its own experiment file (the paper fine-tunes every pretraining
+    variant with one recipe), plus ``overrides``; the trial supplies the seed, the run folder,
+    MLflow and ``model.checkpoint`` (its pretrained weights). The evaluation is the one
+    registered for the stage config's ``task`` (:data:`STAGE_COLUMNS` names its table columns).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Column prefix in the table and metric prefix in MLflow (<name>/txt_r1, ...).")
+    experiment: str = Field(description="Fine-tuning experiment YAML, relative to the sweep file.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted overrides of that experiment.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or value == ZERO_SHOT:
+            raise ValueError(f"{value!r}: a stage name is letters, digits, '_', '.', '-' and not {ZERO_SHOT!r}")
+        return value
+
+
+ZERO_SHOT = "zeroshot"  # metric prefix of the pretrained checkpoint's own evaluation
+# Headline columns of a stage by the task its config trains: (metric key, header suffix).
+# The paper's Table 1 reports retrieval as TR and IR, each the mean of R@1/5/10.
+STAGE_COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "pretrain": [("txt_r_mean", "TR"), ("img_r_mean", "IR"), ("itm_acc", "ITM acc")],
+    "retrieval": [("txt_r_mean", "TR"), ("img_r_mean", "IR")],
+}
+
+
 class SweepSpec(BaseModel):
     """What a sweep file may hold; unknown keys are errors, like in the config tree."""
 
@@ -49,6 +81,10 @@ class SweepSpec(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0], description="Each (variant, grid point) runs once per seed.")
     max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once (each is a whole Train run).")
     max_failures: int = Field(1, ge=0, description="Tune retries of a failed trial; it resumes from its last checkpoint.")
+    zero_shot: bool = Field(True, description="Evaluate each pretrained checkpoint on its eval split (zero-shot).")
+    downstream: list[StageSpec] = Field(
+        default_factory=list, description="Stages run after pretraining, in order: fine-tune, then evaluate."
+    )
     trial_cpus: float = Field(
         0.0, ge=0, description="CPUs the trial's driver function holds while its Train workers run (0: memory only)."
     )
@@ -69,6 +105,14 @@ class SweepSpec(BaseModel):
         for key, values in value.items():
             if not values:
                 raise ValueError(f"{key}: a grid axis needs at least one value")
+        return value
+
+    @field_validator("downstream")
+    @classmethod
+    def _distinct_stages(cls, value: list[StageSpec]) -> list[StageSpec]:
+        names = [stage.name for stage in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be distinct, got {names}")
         return value
 
     @field_validator("seeds")
@@ -105,9 +149,45 @@ class Sweep:
     path: Path
     base: dict[str, Any]
     trials: list[Trial]
+    stage_bases: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage name -> its experiment
 
     def config(self, trial: Trial) -> AlbefConfig:
         return trial_config(self.base, trial)
+
+    def stage_config(self, stage: StageSpec, trial: Trial, checkpoint: str | None = None) -> AlbefConfig:
+        """The stage's validated config for ``trial``: its experiment, its overrides, the trial's seed.
+
+        ``checkpoint`` (the trial's pretrained weights) becomes ``model.checkpoint``.
+        """
+        data = yaml.safe_load(yaml.safe_dump(self.stage_bases[stage.name]))
+        try:
+            for key, value in {**stage.overrides, "seed": trial.seed, "model.checkpoint": checkpoint}.items():
+                set_dotted(data, key, value)
+            cfg = build_config(data)
+        except ConfigError as err:
+            raise ConfigError(f"downstream {stage.name}: {err}") from None
+        pretrain = self.config(trial)
+        if cfg.model.size != pretrain.model.size:
+            raise ConfigError(
+                f"downstream {stage.name}: model.size {cfg.model.size!r} differs from the pretrained "
+                f"{pretrain.model.size!r}"
+            )
+        if cfg.task not in STAGE_COLUMNS:
+            raise ConfigError(f"downstream {stage.name}: task {cfg.task!r} has no evaluation to report")
+        return cfg
+
+
+def table_columns(sweep: Sweep) -> list[tuple[str, str]]:
+    """The comparison table's columns, ``(MLflow metric key, header)``: the downstream stages'
+    headline metrics in the sweep file's order (the paper's Table 1 columns), then zero-shot."""
+    columns = []
+    first = sweep.trials[0]
+    for stage in sweep.spec.downstream:
+        task = sweep.stage_config(stage, first).task
+        columns += [(f"{stage.name}/{key}", f"{stage.name} {title}") for key, title in STAGE_COLUMNS[task]]
+    if sweep.spec.zero_shot:
+        columns += [(f"{ZERO_SHOT}/{key}", f"zero-shot {title}") for key, title in STAGE_COLUMNS["pretrain"]]
+    return columns
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -175,6 +255,10 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = ()
     spec = load_spec(path)
     base = load_yaml(path.parent / spec.base)
     trials = expand(spec, cli_overrides)
+    stage_bases = {stage.name: load_yaml(path.parent / stage.experiment) for stage in spec.downstream}
+    sweep = Sweep(spec, path.resolve(), base, trials, stage_bases)
     for trial in trials:
         trial_config(base, trial)
-    return Sweep(spec, path.resolve(), base, trials)
+        for stage in spec.downstream:
+            sweep.stage_config(stage, trial)
+    return sweep

@@ -37,6 +37,7 @@ def log_retrieval(
     checkpoint: str | Path | None = None,
     run_id: str | None = None,
     step: int | None = None,
+    prefix: str | None = None,
 ) -> tuple[str, str]:
     """Log ``metrics`` of ``cfg.eval.split`` to MLflow; returns (tracking URI, run id).
 
@@ -46,6 +47,7 @@ def log_retrieval(
         checkpoint: the evaluated checkpoint; its run directory names the training run.
         run_id: log into this run instead of the checkpoint's (e.g. ``--run-id``).
         step: the checkpoint's optimizer step (default 0).
+        prefix: metric prefix (default ``eval.split``: ``test/txt_r1``); a sweep's stages use theirs.
     """
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -61,7 +63,7 @@ def log_retrieval(
         tags = {"kind": "eval", "model.size": cfg.model.size, **cfg.tracking.tags}
         with tempfile.TemporaryDirectory() as scratch:  # open_run's resume marker is not wanted here
             run_id = open_run(cfg, uri, Path(scratch), f"{cfg.name}-eval-{cfg.eval.split}", tags)
-    split = cfg.eval.split
+    split = prefix or cfg.eval.split
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(f"{split}/{k}", float(v), now, step or 0) for k, v in metrics.items()])
     for key, value in {

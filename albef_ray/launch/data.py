@@ -203,11 +203,11 @@ def build_pretrain_inputs(cfg: AlbefConfig):
             f"model.size={cfg.model.size}'s vocabulary of {vocab}"
         )
     global_batch = cfg.train.batch_size * cfg.train.num_workers
-    stream = build_stream(cfg.data.shards, "train", cfg)
+    stream = build_stream(cfg.data.shards, cfg.data.train_split, cfg)
     rows = stream.order.total_rows
     if rows // global_batch == 0:
         raise ConfigError(
-            f"data.shards: {rows} training rows make no global batch of "
+            f"data.shards: {rows} rows of split {cfg.data.train_split!r} make no global batch of "
             f"train.batch_size x train.num_workers = {global_batch}"
         )
     steps = cfg.train.steps_per_epoch or rows // global_batch

@@ -31,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..compare import TAG_ROLE, TAG_SWEEP, TAG_TRIAL, TAG_VARIANT, TAG_VARIANTS, PARENT_TAG
+from ..compare import PARENT_TAG, TAG_COLUMNS, TAG_ROLE, TAG_SWEEP, TAG_TRIAL, TAG_VARIANT, TAG_VARIANTS
 from ..config import AlbefConfig, ConfigError, build_config, dump_yaml
-from ..sweep import Sweep, Trial, trial_config
+from ..sweep import ZERO_SHOT, Sweep, Trial, table_columns, trial_config
 
 log = logging.getLogger(__name__)
 TRIALS_FILE = "sweep.json"
@@ -76,7 +76,7 @@ def _open_parent(sweep: Sweep, cfg: AlbefConfig, uri: str, directory: Path) -> s
     existed = (run_dir / RUN_ID_FILE).exists()
     tags = {
         TAG_SWEEP: sweep.spec.name, TAG_ROLE: "parent", "model.size": cfg.model.size,
-        TAG_VARIANTS: json.dumps(list(sweep.spec.variants)),
+        TAG_VARIANTS: json.dumps(list(sweep.spec.variants)), TAG_COLUMNS: json.dumps(table_columns(sweep)),
     }
     # open_run logs the first trial's flattened config; the sweep's own settings follow.
     run_id = open_run(cfg, uri, run_dir, sweep.spec.name, tags)
@@ -92,34 +92,57 @@ def _open_parent(sweep: Sweep, cfg: AlbefConfig, uri: str, directory: Path) -> s
     return run_id
 
 
-def _trial_cfg(sweep: Sweep, trial: Trial, directory: Path, uri: str, parent_id: str) -> AlbefConfig:
+def _run_cfg(cfg: AlbefConfig, directory: Path, name: str, uri: str, tags: dict, prefix: str = "") -> AlbefConfig:
+    """``cfg`` running as ``<directory>/trials/<name>``, tracked in ``uri`` with ``tags``; paths absolute."""
     from .train import absolute_data_paths
 
+    cfg = cfg.model_copy(update={
+        "run": cfg.run.model_copy(update={"storage_path": str(directory / "trials"), "name": name}),
+        "tracking": cfg.tracking.model_copy(update={"tracking_uri": uri, "tags": tags, "metric_prefix": prefix}),
+    })
+    return absolute_data_paths(cfg)
+
+
+def _trial_cfgs(sweep: Sweep, trial: Trial, directory: Path, uri: str, parent_id: str) -> dict[str, dict]:
+    """The trial's pretraining config (key ``""``) and each downstream stage's, as JSON data.
+
+    A stage runs as ``<trial key>-<stage>`` and logs into the trial's MLflow run with its
+    metrics prefixed ``<stage>/``; its ``model.checkpoint`` is set when pretraining has ended.
+    """
     cfg = trial_config(sweep.base, trial)
     tags = {
         **cfg.tracking.tags, TAG_SWEEP: sweep.spec.name, TAG_ROLE: "trial", TAG_VARIANT: trial.variant,
         TAG_TRIAL: trial.key, PARENT_TAG: parent_id,
     }
-    cfg = cfg.model_copy(update={
-        "run": cfg.run.model_copy(update={"storage_path": str(directory / "trials"), "name": trial.key}),
-        "tracking": cfg.tracking.model_copy(update={"tracking_uri": uri, "tags": tags}),
-    })
-    return absolute_data_paths(cfg)
+    out = {"": _run_cfg(cfg, directory, trial.key, uri, tags).model_dump(mode="json")}
+    for stage in sweep.spec.downstream:
+        stage_cfg = sweep.stage_config(stage, trial)
+        stage_tags = {**stage_cfg.tracking.tags, **tags}
+        out[stage.name] = _run_cfg(
+            stage_cfg, directory, f"{trial.key}-{stage.name}", uri, stage_tags, f"{stage.name}/"
+        ).model_dump(mode="json")
+    return out
 
 
-def _train_inputs(cfg: AlbefConfig):
-    """(datasets, steps per epoch, collate, special tokens, iterator kwargs) as ``run_pretrain`` makes them."""
-    if cfg.data.shards:
-        from .data import build_pretrain_inputs, iter_kwargs
+def evaluate_stage(cfg: AlbefConfig, checkpoint: str) -> dict:
+    """The evaluation a stage reports, by the task its config trained (see ``STAGE_COLUMNS``).
 
-        datasets, steps, collate, special = build_pretrain_inputs(cfg)
-        return datasets, steps, collate, special, iter_kwargs(cfg)
-    import ray.data
+    Retrieval (zero-shot after pretraining, or after retrieval fine-tuning): recalls on
+    ``eval.split``; after pretraining also the held-out ITM accuracy (:mod:`albef_ray.eval.itm`).
+    """
+    from ..data.collate import load_tokenizer
+    from ..eval.checkpoint import eval_paths, load_eval_model
+    from ..eval.itm import itm_accuracy
+    from ..eval.retrieval import evaluate
+    from ..eval.split import load_split
 
-    from .train import synthetic_rows
-
-    steps = cfg.train.steps_per_epoch or 50
-    return {"train": ray.data.from_items(synthetic_rows(cfg, steps))}, steps, None, None, None
+    split = load_split(eval_paths(cfg), cfg.eval.split, cfg)
+    model = load_eval_model(cfg, checkpoint)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    metrics = evaluate(model, split, tokenizer, cfg)
+    if cfg.task == "pretrain":
+        metrics.update(itm_accuracy(model, split, tokenizer, cfg, seed=cfg.seed))
+    return metrics
 
 
 def _evaluate_task(evaluate: Evaluator, cfg_data: dict, checkpoint: str) -> dict:
@@ -132,50 +155,100 @@ def _evaluate_task(evaluate: Evaluator, cfg_data: dict, checkpoint: str) -> dict
     return evaluate(cfg, checkpoint)
 
 
+class _StageLog:
+    """``stages.json`` in the trial's folder: what each finished stage produced, so a retried
+    trial (Tune ``max_failures``) continues after the last finished stage."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done = json.loads(path.read_text()) if path.exists() else {}
+
+    def record(self, name: str, value: dict) -> None:
+        self.done[name] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done, indent=1))
+        tmp.replace(self.path)
+
+
 def make_trainable(sweep: Sweep, directory: Path, uri: str, parent_id: str, evaluate: Evaluator | None):
-    """The Tune function trainable; ``config["trial"]`` is a trial key."""
+    """The Tune function trainable; ``config["trial"]`` is a trial key.
+
+    A trial: pretraining, the zero-shot evaluation of its final checkpoint (``zero_shot``), then
+    each ``downstream`` stage (fine-tuning from that checkpoint, then the stage's evaluation),
+    all in the trial's one MLflow child run (stage metrics prefixed ``<stage>/``).
+    """
     trials = {t.key: t for t in sweep.trials}
     # Built here, in the driver: relative data paths resolve against the caller's directory,
     # not the Ray session folder the trial runs in.
-    configs = {t.key: _trial_cfg(sweep, t, directory, uri, parent_id).model_dump(mode="json") for t in sweep.trials}
+    configs = {t.key: _trial_cfgs(sweep, t, directory, uri, parent_id) for t in sweep.trials}
+    evaluator = evaluate or evaluate_stage
 
     def albef_trial(config: dict) -> None:
         import ray
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
+        from ..eval.checkpoint import resolve_checkpoint
         from ..eval.tracking import log_retrieval
-        from .tracking import _client, open_run
-        from .train import launch_pretrain
+        from .tracking import RUN_ID_FILE, _client, open_run
+        from .train import launch_pretrain, train_inputs
 
         trial = trials[config["trial"]]
-        cfg = build_config(configs[trial.key])
+        cfg = build_config(configs[trial.key][""])
         run_dir = directory / "trials" / trial.key
         # Opened here so the sweep's params go in first; launch_pretrain reopens it by run_dir.
         run_id = open_run(cfg, uri, run_dir, trial.key, cfg.tracking.tags)
         client = _client(uri)
         client.log_param(run_id, "sweep", sweep.spec.name)
         client.log_param(run_id, "variant", trial.variant)
-        datasets, steps, collate, special, loader_kwargs = _train_inputs(cfg)
-        result, _, _, _ = launch_pretrain(
-            cfg, datasets, steps, collate, special, loader_kwargs, callbacks=[TuneReportCallback()]
-        )
-        checkpoint = result.checkpoint.path
-        step = (result.metrics or {}).get("step")
-        evaluator = evaluate
-        if evaluator is None:
-            from ..eval import evaluate_checkpoint as evaluator
-        task = ray.remote(_evaluate_task).options(
-            num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0,
-            scheduling_strategy="DEFAULT",  # not inside this trial's (memory-only) placement group
-        )
+        stages = _StageLog(run_dir / "stages.json")
+
+        def train(stage_cfg: AlbefConfig, name: str) -> tuple[str, int]:
+            key = f"train:{name}"
+            if key in stages.done:
+                return stages.done[key]["checkpoint"], stages.done[key]["step"]
+            datasets, steps, collate, special, loader_kwargs = train_inputs(stage_cfg)
+            result, _, _, _ = launch_pretrain(
+                stage_cfg, datasets, steps, collate, special, loader_kwargs, callbacks=[TuneReportCallback()]
+            )
+            done = {"checkpoint": str(resolve_checkpoint(result.checkpoint.path)),
+                    "step": int((result.metrics or {}).get("step") or 0)}
+            stages.record(key, done)
+            return done["checkpoint"], done["step"]
+
+        def score(stage_cfg: AlbefConfig, checkpoint: str, step: int, prefix: str) -> dict:
+            key = f"eval:{prefix}"
+            if key not in stages.done:
+                task = ray.remote(_evaluate_task).options(
+                    num_cpus=stage_cfg.train.cpus_per_worker, num_gpus=1 if stage_cfg.train.use_gpu else 0,
+                    scheduling_strategy="DEFAULT",  # not inside this trial's (memory-only) placement group
+                )
+                metrics = ray.get(task.remote(evaluator, stage_cfg.model_dump(mode="json"), checkpoint))
+                log_retrieval(stage_cfg, metrics, checkpoint, run_id=run_id, step=step, prefix=prefix)
+                stages.record(key, metrics)
+            return {f"{prefix}/{k}": float(v) for k, v in stages.done[key].items()}
+
+        reported: dict[str, float] = {}
         try:
-            metrics = ray.get(task.remote(evaluator, cfg.model_dump(mode="json"), checkpoint))
+            checkpoint, step = train(cfg, "pretrain")
+            if sweep.spec.zero_shot:
+                reported.update(score(cfg, checkpoint, step, ZERO_SHOT))
+            for stage in sweep.spec.downstream:
+                stage_cfg = build_config({**configs[trial.key][stage.name]})
+                stage_cfg = stage_cfg.model_copy(
+                    update={"model": stage_cfg.model.model_copy(update={"checkpoint": checkpoint})}
+                )
+                stage_dir = directory / "trials" / stage_cfg.run.name
+                stage_dir.mkdir(parents=True, exist_ok=True)
+                (stage_dir / RUN_ID_FILE).write_text(run_id)  # the stage logs into the trial's run
+                stage_checkpoint, stage_step = train(stage_cfg, stage.name)
+                reported.update(score(stage_cfg, stage_checkpoint, stage_step, stage.name))
         except Exception:
             client.set_terminated(run_id, status="FAILED")
             raise
-        log_retrieval(cfg, metrics, checkpoint, run_id=run_id, step=step)
-        tune.report({**{k: float(v) for k, v in metrics.items()}, "step": step or 0})
+        client.set_terminated(run_id, status="FINISHED")
+        tune.report({**reported, "step": step or 0})
 
     return albef_trial
 

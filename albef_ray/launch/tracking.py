@@ -69,9 +69,10 @@ def open_run(cfg: AlbefConfig, uri: str, run_dir: Path, run_name: str, tags: dic
 class MetricLogger:
     """Rank 0's handle: ``log(metrics, step)`` into the run."""
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, prefix: str = ""):
         self.client = _client(uri)
         self.run_id = run_id
+        self.prefix = prefix  # tracking.metric_prefix
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         import time
@@ -79,7 +80,7 @@ class MetricLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(self.prefix + k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
 

@@ -226,7 +226,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     start_step = progress.step
     schedule = Schedule(cfg.train.epochs * loop_config["steps_per_epoch"], loop_config["steps_per_epoch"])
     stop = min(schedule.total_steps, cfg.train.max_steps or schedule.total_steps)
-    tracker = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 and loop_config.get("run_id") else None
+    tracker = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.tracking.metric_prefix) if rank == 0 and loop_config.get("run_id") else None
     # Retrieval fine-tuning: rank 0 evaluates at epoch ends; the other ranks wait in report.
     evaluator = EpochEvaluator(cfg, device, tracker) if rank == 0 and evaluates_every_epoch(cfg) else None
     stream = loop_config.get("stream")  # caption shards: a deterministic order per (seed, epoch)
@@ -430,29 +430,39 @@ def init_ray(cfg: AlbefConfig) -> None:
     ray.init(address=cfg.run.address, log_to_driver=True)
 
 
-def run_pretrain(cfg: AlbefConfig, echo=print):
-    """The ``albef-ray pretrain`` job: data, TorchTrainer, MLflow; returns the Ray Result."""
-    cfg = absolute_data_paths(cfg)
-    collate = special = loader_kwargs = None
+def train_inputs(cfg: AlbefConfig):
+    """``(datasets, steps per epoch, collate, special tokens, iterator kwargs)`` for :func:`launch_pretrain`.
+
+    Caption shards (``data.shards``, split ``data.train_split``) stream through Ray Data; without
+    them, generated tensors of ``train.steps_per_epoch`` batches per worker (required: they have
+    no size of their own). Starts Ray (:func:`init_ray`) after the inputs are checked.
+    """
     if cfg.data.shards:
         from .data import build_pretrain_inputs, iter_kwargs  # Ray Data over Parquet shards
 
         init_ray(cfg)
         datasets, steps_per_epoch, collate, special = build_pretrain_inputs(cfg)
-        loader_kwargs = iter_kwargs(cfg)
+        return datasets, steps_per_epoch, collate, special, iter_kwargs(cfg)
+    steps_per_epoch = cfg.train.steps_per_epoch
+    if steps_per_epoch is None:
+        raise ConfigError(
+            "train.steps_per_epoch: generated tensors (no data.shards) have no size; "
+            "set how many batches per worker an epoch holds"
+        )
+    rows = synthetic_rows(cfg, steps_per_epoch)  # raises a ConfigError before Ray starts
+    init_ray(cfg)
+    import ray.data
+
+    return {"train": ray.data.from_items(rows)}, steps_per_epoch, None, None, None
+
+
+def run_pretrain(cfg: AlbefConfig, echo=print):
+    """The ``albef-ray pretrain`` job: data, TorchTrainer, MLflow; returns the Ray Result."""
+    cfg = absolute_data_paths(cfg)
+    datasets, steps_per_epoch, collate, special, loader_kwargs = train_inputs(cfg)
+    if cfg.data.shards:
         echo(f"data: {', '.join(cfg.data.shards)} ({steps_per_epoch} steps per epoch)")
     else:
-        steps_per_epoch = cfg.train.steps_per_epoch
-        if steps_per_epoch is None:
-            raise ConfigError(
-                "train.steps_per_epoch: generated tensors (no data.shards) have no size; "
-                "set how many batches per worker an epoch holds"
-            )
-        rows = synthetic_rows(cfg, steps_per_epoch)  # raises a ConfigError before Ray starts
-        init_ray(cfg)
-        import ray.data
-
-        datasets = {"train": ray.data.from_items(rows)}
         echo("data: generated tensors (set data.shards to stream Parquet caption shards)")
     paths = run_paths(cfg)
     echo(f"results: {paths.run_dir}")

@@ -14,6 +14,7 @@ import yaml
 pytestmark = pytest.mark.ray
 DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo_cpu.yaml"
 STEPS = 4
+FT_STEPS = 2
 
 
 def _write_sweep(root: Path, data: Path) -> Path:
@@ -27,6 +28,13 @@ def _write_sweep(root: Path, data: Path) -> Path:
         "eval": {"max_images": 12, "k_test": 4},
     }
     (root / "base.yaml").write_text(yaml.safe_dump(base))
+    finetune = {  # the downstream stage: retrieval fine-tuning on the val split, 1 worker
+        **base, "task": "retrieval", "mlm": {"enabled": False}, "mod": {"mlm": False},
+        "data": {**base["data"], "train_split": "val"},
+        "train": {**base["train"], "max_steps": FT_STEPS, "num_workers": 1},
+        "eval": {**base["eval"], "every_epoch": False},
+    }
+    (root / "ft.yaml").write_text(yaml.safe_dump(finetune))
     spec = {
         "name": "two_variants", "base": "base.yaml",
         "variants": {
@@ -35,6 +43,7 @@ def _write_sweep(root: Path, data: Path) -> Path:
                         "run.fail_at_step": 3},
         },
         "seeds": [7], "max_failures": 0,
+        "downstream": [{"name": "retrieval", "experiment": "ft.yaml"}],
     }
     path = root / "two.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -52,7 +61,7 @@ def swept(ray_cluster, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sweep")
     data = root / "synth"
-    assert main(["data", "synth", str(data), "--train", "160", "--val", "4", "--test", "12",
+    assert main(["data", "synth", str(data), "--train", "160", "--val", "8", "--test", "12",
                  "--image-size", "32", "--no-progress"]) == 0
     sweep = load_sweep(_write_sweep(root, data))
     first = run_sweep(sweep, echo=lambda *_: None)
@@ -89,9 +98,15 @@ def test_child_runs_have_params_per_step_metrics_and_retrieval(swept):
         assert params["itc.enabled"] == str(key.startswith("ITC"))
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
         assert sorted(set(steps)) == list(range(1, STEPS + 1)), key  # every step
-        for name in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"):
-            assert 0.0 <= metrics[f"test/{name}"] <= 100.0, (key, name)
-        assert metrics["test/num_images"] == 12
+        for stage in ("zeroshot", "retrieval"):  # after pretraining, and after fine-tuning
+            for name in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"):
+                assert 0.0 <= metrics[f"{stage}/{name}"] <= 100.0, (key, stage, name)
+            assert metrics[f"{stage}/num_images"] == 12
+        assert 0.0 <= metrics["zeroshot/itm_acc"] <= 1.0 and "retrieval/itm_acc" not in metrics
+        # The fine-tuning stage's per-step metrics are in the same run, prefixed.
+        ft_steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "retrieval/loss"))
+        assert sorted(set(ft_steps)) == list(range(1, FT_STEPS + 1)), key
+        assert params["task"] == "pretrain"
     assert "itc_loss" in after["ITC+MLM+ITM-seed7"].data.metrics
     assert "itc_loss" not in after["MLM+ITM-seed7"].data.metrics
 
@@ -124,9 +139,11 @@ def test_compare_reads_the_sweep_back(swept, tmp_path):
     assert [row.variant for row in result.rows] == ["ITC+MLM+ITM", "MLM+ITM"]  # the sweep file's order
     for row in result.rows:
         run = after[f"{row.variant}-seed7"]
-        assert row.stats["r_mean"].mean == pytest.approx(run.data.metrics["test/r_mean"])
-        assert row.stats["r_mean"].std is None and row.seeds == [7]
-    assert "| ITC+MLM+ITM | 1 |" in result.markdown and "TR@1" in "\n".join(lines)
+        for key in ("retrieval/txt_r_mean", "retrieval/img_r_mean", "zeroshot/itm_acc"):
+            assert row.stats[key].mean == pytest.approx(run.data.metrics[key])
+            assert row.stats[key].std is None and row.seeds == [7]
+    assert "| ITC+MLM+ITM | 1 |" in result.markdown and "retrieval TR" in "\n".join(lines)
+    assert "MLM+ITM vs ITC+MLM+ITM, retrieval TR" in "\n".join(lines)  # one seed: stated, not judged
     for name in ("table.md", "table.csv", "recalls.png", "loss_curves.png"):
         assert (tmp_path / name).stat().st_size > 0
     logged = {a.path for a in client.list_artifacts(first.parent_run_id, "comparison")}

@@ -104,3 +104,69 @@ def test_ordering_verdict_and_missing_metrics():
     assert ordering_holds(up) and not ordering_holds(down)
     partial = summarize([_trial("a", 0, 4.0), {"variant": "a", "seed": 1, "r_mean": None}])
     assert partial[0].stats["r_mean"].mean == 4.0 and partial[0].seeds == [0, 1]
+
+
+# ----------------------------------------------------------------------------- downstream stages
+
+
+def _staged(tmp_path, stage_base=None, **stage):
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(stage_base or {
+        "task": "retrieval", "model": {"size": "albef_tiny"}, "mlm": {"enabled": False}, "mod": {"mlm": False},
+    }))
+    return _spec(tmp_path, seeds=[3, 4], downstream=[{"name": "retrieval", "experiment": "ft.yaml", **stage}])
+
+
+def test_a_stage_takes_its_own_experiment_the_trial_seed_and_the_checkpoint(tmp_path):
+    from albef_ray.sweep import table_columns
+
+    sweep = load_sweep(_staged(tmp_path, overrides={"optim.lr": 3e-4}))
+    stage = sweep.spec.downstream[0]
+    cfg = sweep.stage_config(stage, sweep.trials[1], "/ckpt/state.pt")
+    assert (cfg.task, cfg.seed, cfg.optim.lr, cfg.model.checkpoint) == ("retrieval", 4, 3e-4, "/ckpt/state.pt")
+    assert cfg.itc.enabled and not cfg.mlm.enabled  # the stage's switches, not the variant's
+    assert table_columns(sweep) == [
+        ("retrieval/txt_r_mean", "retrieval TR"), ("retrieval/img_r_mean", "retrieval IR"),
+        ("zeroshot/txt_r_mean", "zero-shot TR"), ("zeroshot/img_r_mean", "zero-shot IR"),
+        ("zeroshot/itm_acc", "zero-shot ITM acc"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("stage_base", "stage", "message"),
+    [
+        ({"task": "retrieval", "model": {"size": "albef_base"}, "mlm": {"enabled": False}, "mod": {"mlm": False}}, {},
+         "downstream retrieval: model.size 'albef_base' differs from the pretrained 'albef_tiny'"),
+        (None, {"overrides": {"optim.lrr": 1}}, "downstream retrieval: optim.lrr: unknown key"),
+        ({"task": "retrieval", "model": {"size": "albef_tiny"}}, {}, "downstream retrieval: mlm.enabled: retrieval"),
+        (None, {"name": "zeroshot"}, "not 'zeroshot'"),
+        (None, {"experiment": "missing.yaml"}, "missing.yaml does not exist"),
+    ],
+)
+def test_bad_stages_fail_before_ray(tmp_path, stage_base, stage, message):
+    with pytest.raises(ConfigError) as err:
+        load_sweep(_staged(tmp_path, stage_base, **stage))
+    assert message in str(err.value)
+
+
+def test_adjacent_rows_differ_by_more_than_two_standard_errors_or_not():
+    from albef_ray.compare import adjacent_differences
+
+    columns = [("a/x", "x")]
+    rows = summarize(
+        [{"variant": "low", "seed": s, "a/x": v} for s, v in enumerate([1.0, 2.0, 3.0])]
+        + [{"variant": "high", "seed": s, "a/x": v} for s, v in enumerate([10.0, 12.0, 14.0])]
+        + [{"variant": "same", "seed": s, "a/x": v} for s, v in enumerate([9.0, 13.0, 17.0])],
+        ["low", "high", "same"], columns,
+    )
+    first, second = adjacent_differences(rows, columns)
+    # low: mean 2, s 1; high: mean 12, s 2 -> SE = sqrt(1/3 + 4/3) = 1.291
+    assert first.diff == pytest.approx(10.0) and first.se == pytest.approx((5 / 3) ** 0.5)
+    assert first.significant and "exceeds 2 SE" in first.format()
+    # same: mean 13, s 4 -> SE = sqrt(4/3 + 16/3) = 2.582 > 1 / 2
+    assert second.diff == pytest.approx(1.0) and second.significant is False and "within 2 SE" in second.format()
+    single = adjacent_differences(summarize([{"variant": "a", "seed": 0, "a/x": 1.0},
+                                             {"variant": "b", "seed": 0, "a/x": 2.0}], None, columns), columns)
+    assert single[0].significant is None and "one seed" in single[0].format()
+    md = to_markdown(rows, columns=columns)
+    assert "| variant | seeds | x |" in md and "| high | 3 | 12.00 ± 2.00 |" in md
+    assert to_csv(rows, columns).splitlines()[0] == "variant,seeds,a/x_mean,a/x_std"
