@@ -199,7 +199,7 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
 def _layout(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float, float]]:
     """Centres (x, y) and radii as fractions of the image side; no overlaps, order unambiguous."""
     count = len(scene.things)
-    radii = [(0.075 if t.size == "small" else 0.13) * rng.uniform(0.9, 1.05) for t in scene.things]
+    radii = [(0.10 if t.size == "small" else 0.15) * rng.uniform(0.9, 1.05) for t in scene.things]
     if count == 2:
         along = [rng.uniform(0.18, 0.32), rng.uniform(0.68, 0.82)]
         first = rng.uniform(0.3, 0.7)

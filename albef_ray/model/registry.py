@@ -86,3 +86,9 @@ register_size(
         max_position=64,
     ),
 )
+
+# The embedded benchmark's Table 1 demo (experiments/table1_synth.yaml): albef_tiny at the
+# benchmark's full 64 px (8 x 8 patches of 8 px). At 32 px a small shape is 2-4 pixels wide and
+# the ITM head cannot learn to tell hard negatives (one attribute or the order differs) in the
+# demo's budget; docs/results.md has the measurements.
+register_size("albef_tiny_64", replace(get_arch("albef_tiny"), image_res=64))
