@@ -95,7 +95,7 @@ def test_pretrain_requires_a_config_file():
 
 @pytest.mark.parametrize(
     "override, message",
-    [("optim.grad_accum=3", "optim.grad_accum: train.batch_size=8"), ("data.max_text_len=5", "data.max_text_len: ")],
+    [("optim.grad_accum=3", "optim.grad_accum: train.batch_size=8"), ("data.max_text_len=4", "data.max_text_len: generated captions need 5")],
 )
 def test_pretrain_config_problems_are_named(capsys, override, message):
     import ray
