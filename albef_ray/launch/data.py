@@ -211,6 +211,16 @@ def build_pretrain_inputs(cfg: AlbefConfig):
             f"train.batch_size x train.num_workers = {global_batch}"
         )
     steps = cfg.train.steps_per_epoch or rows // global_batch
+    # Workers stop together when one runs out (launch/train.py), so the worker with the fewest
+    # rows of the epoch decides its length: with fewer windows than workers that is zero steps.
+    world = cfg.train.num_workers
+    fewest = min(sum(w.rows for w in stream.order.worker_windows(0, rank, world)) for rank in range(world))
+    if fewest < cfg.train.batch_size:
+        raise ConfigError(
+            f"data.map_batch_size: the {rows} rows of split {cfg.data.train_split!r} split into too few blocks "
+            f"for {cfg.train.num_workers} workers (one gets {fewest} rows, less than a batch of "
+            f"{cfg.train.batch_size}); lower data.map_batch_size or data.shuffle_buffer"
+        )
     quiet_progress_off_terminal()
     return {"train": stream}, steps, stream.collate, SpecialTokens.from_tokenizer(tokenizer)
 
