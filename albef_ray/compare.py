@@ -87,7 +87,8 @@ def to_markdown(rows: list[VariantRow], digits: int = 2, columns: Columns = COLU
     header = ["variant", "seeds", *(title for _, title in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row.variant, str(len(row.seeds)), *(row.stats[key].format(digits) for key, _ in columns)]
+        cells = [row.variant, str(len(row.seeds)),
+                 *(row.stats[key].format(digits + 1 if key.endswith("_acc") else digits) for key, _ in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
