@@ -235,7 +235,7 @@ def make_trainable(sweep: Sweep, directory: Path, uri: str, parent_id: str, eval
             if sweep.spec.zero_shot:
                 reported.update(score(cfg, checkpoint, step, ZERO_SHOT))
             for stage in sweep.spec.downstream:
-                stage_cfg = build_config({**configs[trial.key][stage.name]})
+                stage_cfg = build_config(configs[trial.key][stage.name])
                 stage_cfg = stage_cfg.model_copy(
                     update={"model": stage_cfg.model.model_copy(update={"checkpoint": checkpoint})}
                 )
