@@ -21,6 +21,20 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertOnlyMLMHead
 
 
+def bert_scale_weights_(net: nn.Module, temp: float = 0.05) -> None:
+    """In place: BERT-scale weights (std 0.02) and no LayerNorm left at 1/0, so a fidelity check
+    cannot pass by symmetry of a fresh init; ``temp`` set as given."""
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.add_(torch.randn_like(module.weight) * 0.05)
+                module.bias.add_(torch.randn_like(module.bias) * 0.05)
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                for p in module.parameters(recurse=False):
+                    p.normal_(0.0, 0.02)
+        net.temp.fill_(temp)
+
+
 class _Bert(nn.Module):
     def __init__(self, cfg: BertConfig, fusion_layer: int):
         super().__init__()

@@ -12,20 +12,12 @@ from albef_ray.model.loading import load_albef_checkpoint
 from albef_ray.objectives.mlm import SpecialTokens, mask_tokens
 from albef_ray.objectives.pretrain import PretrainTask
 from tests.conftest import make_batch, tiny_cfg
-from tests.reference_albef import ReferenceALBEF
+from tests.reference_albef import ReferenceALBEF, bert_scale_weights_
 
 
 def _released_checkpoint(tmp_path, arch, queue_size):
     ref = ReferenceALBEF(arch)
-    with torch.no_grad():  # BERT-scale weights (std 0.02), and no LayerNorm left at 1/0
-        for name, module in ref.named_modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.add_(torch.randn_like(module.weight) * 0.05)
-                module.bias.add_(torch.randn_like(module.bias) * 0.05)
-            elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                for p in module.parameters(recurse=False):
-                    p.normal_(0.0, 0.02)
-        ref.temp.fill_(0.05)
+    bert_scale_weights_(ref)
     state = dict(ref.state_dict())
     state["image_queue"] = torch.nn.functional.normalize(torch.randn(256, queue_size), dim=0)
     state["text_queue"] = torch.nn.functional.normalize(torch.randn(256, queue_size), dim=0)

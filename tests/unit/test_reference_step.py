@@ -18,7 +18,7 @@ from albef_ray.objectives.mlm import SpecialTokens, mask_tokens
 from albef_ray.objectives.pretrain import PretrainTask
 from tests.conftest import make_batch, tiny_cfg
 from tests.distributed_steps import one_step
-from tests.reference_albef import ReferencePretrainStep
+from tests.reference_albef import ReferencePretrainStep, bert_scale_weights_
 
 MOMENTUM = 0.9  # far from 1, so a missing or doubled EMA update is far outside the tolerance
 QUEUE = 32
@@ -31,15 +31,8 @@ def _perturbed_reference(arch) -> ReferencePretrainStep:
     """Reference with BERT-scale weights, no LayerNorm at 1/0, momentum copies unlike online."""
     ref = ReferencePretrainStep(arch, queue_size=QUEUE, momentum=MOMENTUM, dropout=0.0)
     net = ref.net
+    bert_scale_weights_(net)
     with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.add_(torch.randn_like(module.weight) * 0.05)
-                module.bias.add_(torch.randn_like(module.bias) * 0.05)
-            elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                for p in module.parameters(recurse=False):
-                    p.normal_(0.0, 0.02)
-        net.temp.fill_(0.05)
         for name, p in net.named_parameters():  # the copies start at online + noise
             if name.split(".")[0].endswith("_m"):
                 p.add_(torch.randn_like(p) * 0.01)
