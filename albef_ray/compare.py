@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .tracking import PARENT_TAG, TAG_COLUMNS, TAG_ROLE, TAG_SWEEP, TAG_TRIAL, TAG_VARIANT, TAG_VARIANTS
+
 # (MLflow metric key, column header): the paper's columns, in its order.
 COLUMNS = [
     ("txt_r1", "TR@1"), ("txt_r5", "TR@5"), ("txt_r10", "TR@10"),
@@ -29,12 +31,8 @@ LOSS_KEYS = ("loss", "itc_loss", "itm_loss", "mlm_loss")
 # variant's own negatives: random or hard, which is what tells the two apart over training).
 CURVE_KEYS = (*LOSS_KEYS, "itc_acc", "itm_acc")
 Columns = list[tuple[str, str]]  # (metric key of a trial dict, header)
-TAG_COLUMNS = "sweep_columns"  # parent-run tag: the sweep's table columns as JSON (written by the launcher)
 LEGACY_PREFIX = "test"  # sweeps without TAG_COLUMNS logged zero-shot recalls as test/<key>
 ARTIFACT_DIR = "comparison"
-# Tags written by the sweep launcher (albef_ray/launch/sweep.py) and read here.
-TAG_SWEEP, TAG_ROLE, TAG_VARIANT, TAG_VARIANTS, TAG_TRIAL = "sweep", "sweep_role", "variant", "sweep_variants", "trial"
-PARENT_TAG = "mlflow.parentRunId"
 
 
 @dataclass

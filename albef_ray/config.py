@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -222,8 +222,10 @@ class AlbefConfig(_Section):
 
     name: str = "albef"
     seed: int = 42
-    task: Literal["pretrain", "retrieval"] = Field(
-        "pretrain", description="pretrain: ITC+ITM+MLM on captions; retrieval: fine-tuning with image-id-aware ITC/ITM."
+    task: str = Field(
+        "pretrain",
+        description="A task of albef_ray.tasks: pretrain (ITC+ITM+MLM on captions), retrieval "
+        "(fine-tuning with image-id-aware ITC/ITM), ...",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     momentum: MomentumConfig = Field(default_factory=MomentumConfig)
@@ -237,6 +239,15 @@ class AlbefConfig(_Section):
     run: RunSettings = Field(default_factory=RunSettings)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("task")
+    @classmethod
+    def _registered_task(cls, value: str) -> str:
+        from .tasks import TASKS  # plain data: no torch import
+
+        if value not in TASKS:
+            raise ValueError(f"unknown task {value!r}; registered: {', '.join(TASKS)}")
+        return value
 
     @model_validator(mode="after")
     def _check_combination(self) -> "AlbefConfig":
@@ -303,6 +314,8 @@ def _format_validation_error(err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         lines.append(f"{path}: {msg}")
     return "; ".join(lines)
 

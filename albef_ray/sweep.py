@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .config import AlbefConfig, ConfigError, build_config, load_yaml, parse_override, set_dotted
+from .tasks import get_task
 
 
 class StageSpec(BaseModel):
@@ -38,7 +39,7 @@ class StageSpec(BaseModel):
     The stage's config is its own experiment file (the paper fine-tunes every pretraining
     variant with one recipe), plus ``overrides``; the trial supplies the seed, the run folder,
     MLflow and ``model.checkpoint`` (its pretrained weights). The evaluation is the one
-    registered for the stage config's ``task`` (:data:`STAGE_COLUMNS` names its table columns).
+    registered for the stage config's ``task`` (:mod:`albef_ray.tasks` names its table columns).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -56,14 +57,6 @@ class StageSpec(BaseModel):
 
 
 ZERO_SHOT = "zeroshot"  # metric prefix of the pretrained checkpoint's own evaluation
-# Headline columns of a stage by the task its config trains: (metric key, header suffix).
-# The paper's Table 1 reports retrieval as TR and IR, each the mean of R@1/5/10.
-STAGE_COLUMNS: dict[str, list[tuple[str, str]]] = {
-    "pretrain": [("txt_r_mean", "TR"), ("img_r_mean", "IR"), ("itm_acc", "ITM acc")],
-    "retrieval": [("txt_r_mean", "TR"), ("img_r_mean", "IR")],
-}
-
-
 class SweepSpec(BaseModel):
     """What a sweep file may hold; unknown keys are errors, like in the config tree."""
 
@@ -172,8 +165,6 @@ class Sweep:
                 f"downstream {stage.name}: model.size {cfg.model.size!r} differs from the pretrained "
                 f"{pretrain.model.size!r}"
             )
-        if cfg.task not in STAGE_COLUMNS:
-            raise ConfigError(f"downstream {stage.name}: task {cfg.task!r} has no evaluation to report")
         return cfg
 
 
@@ -183,10 +174,11 @@ def table_columns(sweep: Sweep) -> list[tuple[str, str]]:
     columns = []
     first = sweep.trials[0]
     for stage in sweep.spec.downstream:
-        task = sweep.stage_config(stage, first).task
-        columns += [(f"{stage.name}/{key}", f"{stage.name} {title}") for key, title in STAGE_COLUMNS[task]]
+        spec = get_task(sweep.stage_config(stage, first).task)
+        columns += [(f"{stage.name}/{key}", f"{stage.name} {title}") for key, title in spec.columns]
     if sweep.spec.zero_shot:
-        columns += [(f"{ZERO_SHOT}/{key}", f"zero-shot {title}") for key, title in STAGE_COLUMNS["pretrain"]]
+        spec = get_task(sweep.config(first).task)
+        columns += [(f"{ZERO_SHOT}/{key}", f"zero-shot {title}") for key, title in spec.columns]
     return columns
 
 

@@ -19,10 +19,10 @@ import torch
 
 
 def plain_step_times(cfg, steps: int) -> list[float]:
-    from albef_ray.objectives.pretrain import build_task
+    from albef_ray.tasks import build_task
     from albef_ray.train.loop import Schedule, train_step
     from albef_ray.train.optim import build_optimizer
-    from albef_ray.train.synthetic import synthetic_batches
+    from albef_ray.synth.tensors import synthetic_batches
 
     torch.manual_seed(cfg.seed)
     task = build_task(cfg).train()

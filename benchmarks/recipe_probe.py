@@ -26,7 +26,7 @@ from albef_ray.eval.itm import itm_accuracy
 from albef_ray.eval.retrieval import evaluate
 from albef_ray.eval.split import load_split
 from albef_ray.objectives.mlm import SpecialTokens
-from albef_ray.objectives.pretrain import build_task
+from albef_ray.tasks import build_task
 from albef_ray.train.loop import Schedule, train_step
 from albef_ray.train.optim import build_optimizer
 

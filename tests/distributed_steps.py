@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from albef_ray.config import build_config
-from albef_ray.objectives.pretrain import PretrainTask, build_task
+from albef_ray.objectives.pretrain import PretrainTask
+from albef_ray.tasks import build_task
 from albef_ray.train.loop import Schedule, train_step
 from albef_ray.train.optim import build_optimizer
 

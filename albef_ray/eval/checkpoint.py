@@ -43,7 +43,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def checkpoint_step(weights: str | Path) -> int | None:
     """The optimizer step an albef-ray ``state.pt`` was saved at (``None`` for other files)."""
-    from ..model.loading import read_weights_file
+    from ..model.weights_file import read_weights_file
 
     state = read_weights_file(weights)
     progress = state.get("progress") if isinstance(state, dict) else None
@@ -103,7 +103,7 @@ def evaluate_checkpoint(
         (the whole call: loading the model and the split included) and ``skipped_images``.
     """
     from ..data.collate import load_tokenizer
-    from ..train.loop import resolve_device
+    from ..precision import resolve_device
 
     start = time.perf_counter()
     paths = eval_paths(cfg) if split is None else []  # a config error before any loading

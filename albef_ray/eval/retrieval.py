@@ -34,7 +34,7 @@ from ..config import AlbefConfig, ConfigError, EvalConfig
 from ..data.collate import tokenize
 from ..data.transforms import normalize
 from ..model.albef import ALBEF
-from ..train.loop import autocast_context
+from ..precision import autocast_context
 from .metrics import recall_metrics
 from .split import RetrievalSplit
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..config import AlbefConfig
-from ..launch.tracking import RUN_ID_FILE, open_run, resolve_tracking_uri
+from ..tracking import RUN_ID_FILE, open_run, resolve_tracking_uri
 
 
 def find_run_dir(checkpoint: str | Path | None) -> Path | None:

@@ -7,9 +7,10 @@ Tune) that
    ``sweep`` and ``variant``; tags ``variant``, ``trial``, ``mlflow.parentRunId``),
 2. fits one ``TorchTrainer`` through :func:`launch_pretrain` with ``TuneReportCallback``, so
    every rank-0 report is a Tune result and every step lands in the child run,
-3. evaluates the final checkpoint with zero-shot retrieval on the held-out split, as a Ray
-   task holding one train worker's resources (the trial's own workers are gone by then),
-   logs the recalls to the child run and reports them to Tune.
+3. evaluates the final checkpoint (``zero_shot``) with the evaluation its task registers
+   (:mod:`albef_ray.tasks`), as a Ray task holding one train worker's resources (the trial's
+   own workers are gone by then), and logs the metrics to the child run,
+4. fine-tunes and evaluates each ``downstream`` stage the same way, and reports to Tune.
 
 Resources: the trial function only waits on its TorchTrainer, so it holds ``trial_cpus``
 (default 0: a memory-only bundle); the Train workers take ``train.num_workers x
@@ -31,13 +32,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..compare import PARENT_TAG, TAG_COLUMNS, TAG_ROLE, TAG_SWEEP, TAG_TRIAL, TAG_VARIANT, TAG_VARIANTS
 from ..config import AlbefConfig, ConfigError, build_config, dump_yaml
 from ..sweep import ZERO_SHOT, Sweep, Trial, table_columns, trial_config
+from ..tasks import get_task
+from ..tracking import PARENT_TAG, TAG_COLUMNS, TAG_ROLE, TAG_SWEEP, TAG_TRIAL, TAG_VARIANT, TAG_VARIANTS
+from .common import absolute_data_paths, init_ray
 
 log = logging.getLogger(__name__)
 TRIALS_FILE = "sweep.json"
-Evaluator = Callable[..., dict]  # evaluate_checkpoint(cfg, checkpoint) -> metrics
+Evaluator = Callable[..., dict]  # (cfg, checkpoint) -> metrics; by default the task's registered evaluation
 
 
 @dataclass
@@ -70,7 +73,7 @@ def _check_same_sweep(directory: Path, trials: list[dict]) -> bool:
 
 def _open_parent(sweep: Sweep, cfg: AlbefConfig, uri: str, directory: Path) -> str:
     """The sweep's MLflow parent run: created once, reopened (``parent/mlflow_run_id.txt``) on resume."""
-    from .tracking import RUN_ID_FILE, _client, open_run
+    from ..tracking import RUN_ID_FILE, mlflow_client, open_run
 
     run_dir = directory / "parent"
     existed = (run_dir / RUN_ID_FILE).exists()
@@ -81,7 +84,7 @@ def _open_parent(sweep: Sweep, cfg: AlbefConfig, uri: str, directory: Path) -> s
     # open_run logs the first trial's flattened config; the sweep's own settings follow.
     run_id = open_run(cfg, uri, run_dir, sweep.spec.name, tags)
     if not existed:
-        client = _client(uri)
+        client = mlflow_client(uri)
         for key, value in {
             "sweep.file": str(sweep.path), "sweep.trials": len(sweep.trials), "sweep.seeds": json.dumps(sweep.spec.seeds),
             "sweep.grid": json.dumps(sweep.spec.grid), "sweep.max_concurrent_trials": sweep.spec.max_concurrent_trials,
@@ -94,8 +97,6 @@ def _open_parent(sweep: Sweep, cfg: AlbefConfig, uri: str, directory: Path) -> s
 
 def _run_cfg(cfg: AlbefConfig, directory: Path, name: str, uri: str, tags: dict, prefix: str = "") -> AlbefConfig:
     """``cfg`` running as ``<directory>/trials/<name>``, tracked in ``uri`` with ``tags``; paths absolute."""
-    from .train import absolute_data_paths
-
     cfg = cfg.model_copy(update={
         "run": cfg.run.model_copy(update={"storage_path": str(directory / "trials"), "name": name}),
         "tracking": cfg.tracking.model_copy(update={"tracking_uri": uri, "tags": tags, "metric_prefix": prefix}),
@@ -122,27 +123,6 @@ def _trial_cfgs(sweep: Sweep, trial: Trial, directory: Path, uri: str, parent_id
             stage_cfg, directory, f"{trial.key}-{stage.name}", uri, stage_tags, f"{stage.name}/"
         ).model_dump(mode="json")
     return out
-
-
-def evaluate_stage(cfg: AlbefConfig, checkpoint: str) -> dict:
-    """The evaluation a stage reports, by the task its config trained (see ``STAGE_COLUMNS``).
-
-    Retrieval (zero-shot after pretraining, or after retrieval fine-tuning): recalls on
-    ``eval.split``; after pretraining also the held-out ITM accuracy (:mod:`albef_ray.eval.itm`).
-    """
-    from ..data.collate import load_tokenizer
-    from ..eval.checkpoint import eval_paths, load_eval_model
-    from ..eval.itm import itm_accuracy
-    from ..eval.retrieval import evaluate
-    from ..eval.split import load_split
-
-    split = load_split(eval_paths(cfg), cfg.eval.split, cfg)
-    model = load_eval_model(cfg, checkpoint)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    metrics = evaluate(model, split, tokenizer, cfg)
-    if cfg.task == "pretrain":
-        metrics.update(itm_accuracy(model, split, tokenizer, cfg, seed=cfg.seed))
-    return metrics
 
 
 def _evaluate_task(evaluate: Evaluator, cfg_data: dict, checkpoint: str) -> dict:
@@ -182,7 +162,6 @@ def make_trainable(sweep: Sweep, directory: Path, uri: str, parent_id: str, eval
     # Built here, in the driver: relative data paths resolve against the caller's directory,
     # not the Ray session folder the trial runs in.
     configs = {t.key: _trial_cfgs(sweep, t, directory, uri, parent_id) for t in sweep.trials}
-    evaluator = evaluate or evaluate_stage
 
     def albef_trial(config: dict) -> None:
         import ray
@@ -191,7 +170,7 @@ def make_trainable(sweep: Sweep, directory: Path, uri: str, parent_id: str, eval
 
         from ..eval.checkpoint import resolve_checkpoint
         from ..eval.tracking import log_retrieval
-        from .tracking import RUN_ID_FILE, _client, open_run
+        from ..tracking import RUN_ID_FILE, mlflow_client, open_run
         from .train import launch_pretrain, train_inputs
 
         trial = trials[config["trial"]]
@@ -199,7 +178,7 @@ def make_trainable(sweep: Sweep, directory: Path, uri: str, parent_id: str, eval
         run_dir = directory / "trials" / trial.key
         # Opened here so the sweep's params go in first; launch_pretrain reopens it by run_dir.
         run_id = open_run(cfg, uri, run_dir, trial.key, cfg.tracking.tags)
-        client = _client(uri)
+        client = mlflow_client(uri)
         client.log_param(run_id, "sweep", sweep.spec.name)
         client.log_param(run_id, "variant", trial.variant)
         stages = _StageLog(run_dir / "stages.json")
@@ -224,6 +203,7 @@ def make_trainable(sweep: Sweep, directory: Path, uri: str, parent_id: str, eval
                     num_cpus=stage_cfg.train.cpus_per_worker, num_gpus=1 if stage_cfg.train.use_gpu else 0,
                     scheduling_strategy="DEFAULT",  # not inside this trial's (memory-only) placement group
                 )
+                evaluator = evaluate or get_task(stage_cfg.task).evaluate()
                 metrics = ray.get(task.remote(evaluator, stage_cfg.model_dump(mode="json"), checkpoint))
                 log_retrieval(stage_cfg, metrics, checkpoint, run_id=run_id, step=step, prefix=prefix)
                 stages.record(key, metrics)
@@ -257,8 +237,7 @@ def run_sweep(sweep: Sweep, echo=print, evaluate: Evaluator | None = None) -> Sw
     """Run (or resume) the sweep on Ray Tune; returns which trials finished and which failed."""
     from ray import tune
 
-    from .tracking import _client, resolve_tracking_uri
-    from .train import init_ray
+    from ..tracking import mlflow_client, resolve_tracking_uri
 
     first = sweep.config(sweep.trials[0])
     if not first.tracking.enabled:
@@ -309,7 +288,7 @@ def run_sweep(sweep: Sweep, echo=print, evaluate: Evaluator | None = None) -> Sw
                 failed[key] = str(result.error).strip().splitlines()[-1][:300]
         status = "FINISHED" if not failed else "FAILED"
         if failed:
-            _client(uri).set_tag(parent_id, "failed_trials", ", ".join(sorted(failed)))
+            mlflow_client(uri).set_tag(parent_id, "failed_trials", ", ".join(sorted(failed)))
         return SweepOutcome(directory, uri, parent_id, finished, failed, resumed)
     finally:
-        _client(uri).set_terminated(parent_id, status=status)
+        mlflow_client(uri).set_terminated(parent_id, status=status)

@@ -10,106 +10,30 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
+import math
 import tempfile
 import time
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from ..config import AlbefConfig, ConfigError, build_config
-from ..model.loading import read_weights_file
-from ..train.checkpoint import TrainProgress, load_training_state, save_training_state
+from ..model.weights_file import read_weights_file
+from ..tasks import build_task, get_task
+from ..tracking import MetricLogger, close_run, open_run, resolve_tracking_uri, ui_hint
+from ..train.checkpoint import TrainProgress, load_training_state, rng_state, save_training_state, set_rng_state
 from ..train.loop import Schedule, format_metrics, train_step
+from ..train.metrics import MetricWindow
 from ..train.optim import build_optimizer
+from .common import absolute_data_paths, init_ray, run_paths
+from .faults import maybe_inject_fault
 
 log = logging.getLogger(__name__)
 RNG_FILE = "rng_rank{rank}.pt"
 STREAM_FILE = "stream_rank{rank}.json"  # a worker's place in its epoch's data stream
-FAULT_MARKER = "fault_injected"
-
-
-@dataclass
-class RunPaths:
-    storage: Path  # results root
-    name: str
-
-    @property
-    def run_dir(self) -> Path:
-        return self.storage / self.name
-
-
-def run_paths(cfg: AlbefConfig) -> RunPaths:
-    storage = Path(cfg.run.storage_path).expanduser().resolve()
-    name = cfg.run.name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    return RunPaths(storage, name)
 
 
 # --------------------------------------------------------------------------- worker side
-
-
-class _Window:
-    """Averages per-step metrics between reports; sums counters."""
-
-    COUNTERS = ("skipped", "dropped_rows")
-
-    def __init__(self):
-        self.rows: list[dict[str, float]] = []
-
-    def add(self, metrics: dict[str, float]) -> None:
-        self.rows.append(metrics)
-
-    def flush(self) -> dict[str, float]:
-        keys = {k for r in self.rows for k in r}
-        out = {}
-        for k in keys:
-            vals = [r[k] for r in self.rows if k in r]
-            out[k] = sum(vals) if k in self.COUNTERS else sum(vals) / len(vals)
-        self.rows = []
-        return out
-
-
-RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
-
-
-def _wait_until_registered(run_dir: Path, timeout_s: float = 120.0) -> None:
-    """TEST ONLY: wait until Ray has registered the newest checkpoint written to ``run_dir``.
-
-    ``ray.train.report`` returns once the checkpoint is on disk; the controller registers it
-    when it next polls the workers, and a worker lost before that restarts the group from the
-    checkpoint before. On a busy machine that poll can lag a step or more, so an injected
-    fault waits for it: the restart point is then the last checkpoint, deterministically.
-    """
-    from ..train.checkpoint import STATE_FILE
-
-    written = sorted(p.name for p in run_dir.glob("checkpoint_*") if (p / STATE_FILE).is_file())  # named by time
-    if not written:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            latest = json.loads((run_dir / RAY_CHECKPOINT_SNAPSHOT).read_text()).get("latest_checkpoint_result") or {}
-        except (OSError, ValueError):  # not written yet, or caught mid-write
-            latest = {}
-        if latest.get("checkpoint_dir_name") == written[-1]:
-            return
-        time.sleep(0.2)
-    log.warning("Ray did not register checkpoint %s within %.0f s; injecting the fault anyway", written[-1], timeout_s)
-
-
-def _maybe_inject_fault(cfg: AlbefConfig, step: int, rank: int, world: int, run_dir: Path) -> None:
-    """TEST ONLY (``run.fail_at_step``): one worker dies once, as a lost node would."""
-    if cfg.run.fail_at_step is None or step != cfg.run.fail_at_step or rank != min(1, world - 1):
-        return
-    marker = run_dir / FAULT_MARKER
-    if marker.exists():
-        return
-    _wait_until_registered(run_dir)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"killed rank {rank} at step {step}\n")
-    os._exit(1)
 
 
 def _report(metrics, progress, cfg, task, optimizer, generator, rank, with_checkpoint, position=0, world=1):
@@ -123,8 +47,6 @@ def _report(metrics, progress, cfg, task, optimizer, generator, rank, with_check
         # Every rank writes its own RNG file; Ray merges the ranks' files into one checkpoint.
         if rank == 0:
             save_training_state(tmp, task, optimizer, progress, cfg, generator)
-        from ..train.checkpoint import rng_state
-
         torch.save(rng_state(generator), Path(tmp) / RNG_FILE.format(rank=rank))
         stream = {"epoch": progress.epoch, "position": position, "world": world}
         (Path(tmp) / STREAM_FILE.format(rank=rank)).write_text(json.dumps(stream))
@@ -158,8 +80,6 @@ def _stream_position(directory: Path, rank: int, world: int, progress: TrainProg
 
 def _restore(task, optimizer, generator, rank, world, batch_size) -> tuple[TrainProgress, int]:
     import ray.train
-
-    from ..train.checkpoint import set_rng_state
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
@@ -202,9 +122,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     import ray.train.torch
 
     from ..objectives.mlm import SpecialTokens
-    from ..objectives.pretrain import build_task
-    from .finetune import EpochEvaluator, evaluates_every_epoch
-    from .tracking import MetricLogger
 
     cfg = build_config(loop_config["config"])
     # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker reserved.
@@ -227,11 +144,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     schedule = Schedule(cfg.train.epochs * loop_config["steps_per_epoch"], loop_config["steps_per_epoch"])
     stop = min(schedule.total_steps, cfg.train.max_steps or schedule.total_steps)
     tracker = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.tracking.metric_prefix) if rank == 0 and loop_config.get("run_id") else None
-    # Retrieval fine-tuning: rank 0 evaluates at epoch ends; the other ranks wait in report.
-    evaluator = EpochEvaluator(cfg, device, tracker) if rank == 0 and evaluates_every_epoch(cfg) else None
+    # Fine-tuning tasks with an epoch evaluator (retrieval): rank 0 evaluates at epoch ends;
+    # the other ranks wait in report.
+    evaluator = get_task(cfg.task).make_epoch_evaluator(cfg, device, tracker) if rank == 0 else None
     stream = loop_config.get("stream")  # caption shards: a deterministic order per (seed, epoch)
     shard = None if stream is not None else ray.train.get_dataset_shard("train")
-    window = _Window()
+    window = MetricWindow()
     task.train()
 
     def epoch_batches():
@@ -256,7 +174,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         t_wait = time.perf_counter()
         for batch in _agreed(epoch_batches(), device, world):
             t_ready = time.perf_counter()
-            _maybe_inject_fault(cfg, progress.step, rank, world, run_dir)
+            maybe_inject_fault(cfg, progress.step, rank, world, run_dir)
             dropped = float(batch.pop("num_dropped", torch.zeros(())).sum()) if isinstance(batch, dict) else 0.0
             rows = batch.pop("position", None) if isinstance(batch, dict) else None
             metrics = train_step(task, optimizer, batch, progress.step, cfg, schedule, generator)
@@ -300,6 +218,33 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 # --------------------------------------------------------------------------- driver side
 
 
+def checkpoint_config(cfg: AlbefConfig):
+    """Ray's retention: the last ``train.keep_checkpoints``, or, when the task evaluates every
+    epoch, the best ones by its ``score`` (Ray always keeps the latest too, for restarts)."""
+    import ray.train
+
+    spec = get_task(cfg.task)
+    if spec.evaluates_every_epoch(cfg) and spec.score:
+        return ray.train.CheckpointConfig(
+            num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=spec.score,
+            checkpoint_score_order="max",
+        )
+    return ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)
+
+
+def best_checkpoint(result, score: str) -> tuple[str, dict] | None:
+    """(path, metrics) of the reported checkpoint with the highest finite ``score``, if any.
+
+    Checkpoints written between evaluations report ``score = NaN``; they are never the best.
+    """
+    scored = [
+        (ckpt.path, metrics) for ckpt, metrics in (result.best_checkpoints or [])
+        if isinstance(metrics.get(score), (int, float)) and math.isfinite(metrics[score])
+    ]
+    return max(scored, key=lambda item: item[1][score]) if scored else None
+
+
+
 def launch_pretrain(
     cfg: AlbefConfig, datasets: dict, steps_per_epoch: int, collate=None, special=None, iter_kwargs=None, callbacks=None
 ):
@@ -313,12 +258,9 @@ def launch_pretrain(
     from ray.train.torch import TorchTrainer
 
     from .data import ShardStream
-    from .finetune import checkpoint_config
 
     stream = datasets.get("train") if isinstance(datasets.get("train"), ShardStream) else None
     datasets = {k: v for k, v in datasets.items() if not isinstance(v, ShardStream)}
-    from .tracking import close_run, open_run, resolve_tracking_uri
-
     paths = run_paths(cfg)
     uri = resolve_tracking_uri(cfg, paths.storage)
     run_id = None
@@ -358,76 +300,13 @@ def launch_pretrain(
 
 def synthetic_rows(cfg: AlbefConfig, steps_per_epoch: int) -> list[dict]:
     """Generated image-caption tensors as rows, one epoch's worth for every worker (no Ray)."""
-    from ..train.synthetic import synthetic_batches
+    from ..synth.tensors import synthetic_batches
 
     rows = []
     for batch in synthetic_batches(cfg, steps_per_epoch * cfg.train.num_workers):
         for j in range(batch["input_ids"].shape[0]):
             rows.append({k: batch[k][j].numpy() for k in ("image", "input_ids", "attention_mask")})
     return rows
-
-
-_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-
-
-def looks_local(path: str) -> bool:
-    """Whether a weights setting names a local path rather than a timm tag or hub name."""
-    if "://" in path:
-        return False
-    first = Path(path).parts[0] if Path(path).parts else ""
-    return (
-        path.startswith(("/", "./", "../", "~")) or path.endswith(_WEIGHT_SUFFIXES)
-        or ("/" in path and Path(first).is_dir())
-    )
-
-
-def check_local_paths(cfg: AlbefConfig) -> None:
-    """Missing local inputs fail here, before any model, tokenizer or Ray is loaded.
-
-    Checked: ``model.vit_init`` / ``bert_init`` / ``checkpoint`` and ``data.tokenizer`` when they
-    name local paths, and every ``data.shards`` / ``eval.shards`` root
-    (:func:`~albef_ray.data.manifest.dataset_problem`: missing, or an unfinished build).
-    """
-    from ..data.manifest import dataset_problem
-
-    for key in ("vit_init", "bert_init", "checkpoint"):
-        path = getattr(cfg.model, key)
-        if path and looks_local(path) and not Path(path).expanduser().exists():
-            raise ConfigError(f"model.{key}: {path} does not exist")
-    for name, roots in (("data.shards", cfg.data.shards), ("eval.shards", cfg.eval.shards)):
-        for root in roots:
-            if problem := dataset_problem(root):
-                raise ConfigError(f"{name}: {problem}")
-    if looks_local(cfg.data.tokenizer) and not Path(cfg.data.tokenizer).expanduser().exists():
-        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} does not exist")
-
-
-def absolute_data_paths(cfg: AlbefConfig) -> AlbefConfig:
-    """Local data, tokenizer and weight paths made absolute: Ray workers run in a session folder.
-
-    Raises:
-        ConfigError: a local input is missing (:func:`check_local_paths`).
-    """
-    check_local_paths(cfg)
-
-    def fix(path: str) -> str:
-        return str(Path(path).resolve()) if "://" not in path and Path(path).exists() else path
-
-    data = cfg.data.model_copy(update={"shards": [fix(p) for p in cfg.data.shards], "tokenizer": fix(cfg.data.tokenizer)})
-    evaluation = cfg.eval.model_copy(update={"shards": [fix(p) for p in cfg.eval.shards]})
-    model = cfg.model.model_copy(
-        update={key: getattr(cfg.model, key) and fix(getattr(cfg.model, key)) for key in ("checkpoint", "vit_init", "bert_init")}
-    )
-    return cfg.model_copy(update={"data": data, "eval": evaluation, "model": model})
-
-
-def init_ray(cfg: AlbefConfig) -> None:
-    """Connect to ``run.address`` / ``$RAY_ADDRESS`` (e.g. under ``ray job submit``) or start locally."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    ray.init(address=cfg.run.address, log_to_driver=True)
 
 
 def train_inputs(cfg: AlbefConfig):
@@ -467,8 +346,6 @@ def run_pretrain(cfg: AlbefConfig, echo=print):
     paths = run_paths(cfg)
     echo(f"results: {paths.run_dir}")
     result, paths, uri, run_id = launch_pretrain(cfg, datasets, steps_per_epoch, collate, special, loader_kwargs)
-    from .tracking import ui_hint
-
     if run_id:
         echo(f"MLflow run {run_id} in {uri}\n  view: {ui_hint(uri)}")
     if result.checkpoint:

@@ -8,12 +8,8 @@ was missing, unused or resized. Shape mismatches (other than the resizable ones)
 from __future__ import annotations
 
 import logging
-import pickle
-import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -21,62 +17,9 @@ from torch import nn
 from .adapters import albef_to_native, hf_bert_to_native
 from .albef import ALBEF, build_model
 from .vision import interpolate_pos_embed, read_timm_vit_state
+from .weights_file import CheckpointError, read_weights_file
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A weights file that cannot be read safely: empty, corrupt, or pickling more than tensors."""
-
-
-def _looks_like_torch_file(path: Path) -> bool:
-    # torch.save writes a zip archive; the legacy format starts with a pickle (protocol >= 2: 0x80)
-    with open(path, "rb") as handle:
-        first = handle.read(1)
-    return first == b"\x80" or zipfile.is_zipfile(path)
-
-
-def _weights_only_refusal(message: str) -> str:
-    """What the weights-only unpickler refused, without torch's advice to load unsafely."""
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-    if found:
-        return f"it pickles {found.group(1)}, which a weights-only load refuses"
-    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
-    return found.group(1).strip().rstrip(".") if found else "it pickles more than tensors and plain containers"
-
-
-def read_weights_file(path: str | Path) -> Any:
-    """The contents of a ``.pt`` / ``.pth`` / ``.bin`` or ``.safetensors`` weights file, on CPU.
-
-    Every weights file albef-ray reads goes through here. Pickled files are read with torch's
-    weights-only unpickler (tensors, numbers, strings and containers), so a file cannot run code;
-    one that needs more is refused and never loaded another way.
-
-    Raises:
-        FileNotFoundError: no such file.
-        CheckpointError: ``FILE: empty``, ``FILE: not a PyTorch checkpoint (...)`` or
-            ``FILE: not a weights-only checkpoint (...)``.
-    """
-    path = Path(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except SafetensorError as err:
-            raise CheckpointError(f"{path}: not a safetensors file ({err})") from None
-    if path.is_file() and not _looks_like_torch_file(path):
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: not a weights-only checkpoint ({_weights_only_refusal(str(err))})") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, AttributeError, ImportError) as err:
-        first = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", str(err)).split(". ")[0].strip()
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (corrupt or truncated: {first or type(err).__name__})") from None
 
 
 @dataclass
@@ -169,19 +112,17 @@ def read_albef_checkpoint(path: str) -> dict[str, torch.Tensor]:
 def load_albef_checkpoint(target: nn.Module, path: str) -> LoadReport:
     """A released ALBEF (or albef-ray) ``.pth`` into a task (online + momentum + queues) or an ALBEF.
 
-    A task is a :class:`PretrainTask` or :class:`RetrievalTask` (``.model``, ``.momentum``).
+    A task is any module holding the online ALBEF as ``.model`` and its momentum encoder (or
+    None) as ``.momentum``, as every task of :mod:`albef_ray.tasks` does; this layer names none.
     Without ``*_m`` keys (fine-tuned releases) the momentum encoder copies the online weights.
     """
-    from ..objectives.pretrain import PretrainTask
-    from ..objectives.retrieval import RetrievalTask
-
     state = read_albef_checkpoint(path)
     if state and all(k.startswith(("model.", "momentum.")) for k in state):
         native, unused = dict(state), []  # already albef-ray's own layout
     else:
         native, unused = albef_to_native(state, _arch_of(target).text_layers)
     report = LoadReport(path, unused=unused)
-    if isinstance(target, (PretrainTask, RetrievalTask)):
+    if not isinstance(target, ALBEF):  # a task: online model + momentum encoder
         if target.momentum is None:
             report.unused += [k for k in native if k.startswith("momentum.")]
             native = {k: v for k, v in native.items() if not k.startswith("momentum.")}

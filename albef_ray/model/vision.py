@@ -68,7 +68,7 @@ def read_timm_vit_state(source: str) -> dict[str, torch.Tensor]:
     A tag such as ``deit_base_patch16_224.fb_in1k`` is resolved by timm (its cache or hub);
     nothing else in albef-ray downloads.
     """
-    from .loading import read_weights_file  # here: loading imports this module
+    from .weights_file import read_weights_file
 
     path = Path(source)
     if path.exists():

@@ -6,11 +6,14 @@ momentum distillation, then enqueue. The schedule value ``alpha`` comes in as an
 Called directly in training mode it runs the EMA and the enqueue as the official forward
 does; :func:`~albef_ray.train.loop.train_step` instead runs the EMA once per optimizer
 step and enqueues only once the step is known good (``update_momentum`` / ``enqueue``).
+
+The ITC / ITM parts, the temperature clamp, the EMA / enqueue protocol and the weighted sum
+are the shared blocks of :mod:`albef_ray.objectives.blocks`; what is MLM's own stays here:
+the masked caption riding along the clean one through the text encoder, its rows in the
+same fusion pass as ITM's (sharing the image K/V), and the MoD soft targets.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 from torch import nn
@@ -18,11 +21,20 @@ from torch import nn
 from ..config import AlbefConfig
 from ..model.albef import ALBEF
 from ..model.momentum import MomentumEncoder
-from .itc import contrastive
-from .itm import itm_loss, itm_pairs
+from .blocks import (
+    FusionRows,
+    clamp_temperature,
+    finish_queue,
+    fuse_rows,
+    itc_step,
+    itm_head,
+    itm_rows,
+    loss_weights,
+    momentum_forward,
+    weighted_loss,
+)
 from .mlm import IGNORE, SpecialTokens, mask_tokens, mlm_loss
 
-log = logging.getLogger(__name__)
 
 
 class PretrainTask(nn.Module):
@@ -87,9 +99,7 @@ class PretrainTask(nn.Module):
         cfg, model, mom = self.cfg, self.model, self.momentum
         b = image.shape[0]
         out: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            model.temp.clamp_(cfg.model.temp_min, cfg.model.temp_max)
-        temp = model.temp
+        temp = clamp_temperature(model, cfg)
         if image_idx is not None:
             image_idx = image_idx.to(device=image.device, dtype=torch.long)
 
@@ -110,92 +120,60 @@ class PretrainTask(nn.Module):
         text_all = model.encode_text(ids_all, mask_all)  # (B or 2B, T, C)
         text_hidden = text_all[:b]
 
-        # ---- momentum encoders (no grad): EMA first, as the official code does each step
-        alpha_itc = alpha if cfg.mod.itc else 0.0
+        # ---- momentum encoders (no grad, EMA first): ITC keys from the clean captions, MoD-MLM
+        # targets from the masked ones; the text encoder runs on the rows that are needed only
         alpha_mlm = alpha if (cfg.mod.mlm and cfg.mlm.enabled) else 0.0
+        keys = None
         if mom is not None:
-            if self.training and update_momentum:
-                mom.update(model)
-            with torch.no_grad():
-                m = mom.model
-                m_image_tokens = m.encode_image(image)
-                m_ids = ids_all if cfg.itc.enabled else ids_all[b:]
-                m_mask = mask_all if cfg.itc.enabled else mask_all[b:]
-                m_text_all = m.encode_text(m_ids, m_mask) if (cfg.itc.enabled or alpha_mlm > 0) else None
-                if cfg.itc.enabled:
-                    m_image_feat = m.image_features(m_image_tokens)  # (B, E) fp32
-                    m_text_feat = m.text_features(m_text_all[:b])
+            if cfg.itc.enabled:
+                m_text = ids_all, mask_all  # (B or 2B, T)
+            elif alpha_mlm > 0:
+                m_text = ids_all[b:], mask_all[b:]  # (B, T) masked captions
+            else:
+                m_text = None, None
+            keys = momentum_forward(
+                mom, model, image, *m_text,
+                training=self.training, update_momentum=update_momentum, features=cfg.itc.enabled,
+            )
 
         # ---- ITC (Eq. 1-2; MoD targets Eq. 4), fp32
-        sim_i2t = sim_t2i = None
+        itc = None
         if cfg.itc.enabled:
-            losses, itc = contrastive(
-                model.image_features(image_tokens), model.text_features(text_hidden), m_image_feat, m_text_feat,
-                mom.image_queue, mom.text_queue, temp, alpha_itc, image_idx, mom.index_queue,
+            losses, itc = itc_step(
+                model, mom, cfg, image_tokens, text_hidden, keys, temp, alpha, image_idx, return_outputs
             )
             out.update(losses)
-            sim_i2t, sim_t2i = itc["sim_i2t"], itc["sim_t2i"]
-            if return_outputs:
-                out.update(sim_i2t=sim_i2t.detach(), sim_t2i=sim_t2i.detach(),
-                           target_i2t=itc["target_i2t"], target_t2i=itc["target_t2i"])
 
-        # ---- one fusion pass for ITM positives, ITM negatives and MLM (rows share image K/V)
-        rows, masks, index = [], [], []
-        n_itm = 0
+        # ---- one fusion pass: ITM positives, ITM negatives, then MLM rows (all share image K/V)
+        groups = []
         if cfg.itm.enabled:
-            text, mask, image_index, itm_negatives = itm_pairs(
-                text_hidden, attention_mask, sim_i2t, sim_t2i, cfg.itm.hard_negatives, generator,
-                image_idx, itm_negatives,
+            itm, extra = itm_rows(
+                cfg, text_hidden, attention_mask, itc, generator, image_idx, itm_negatives, return_outputs
             )
-            rows.append(text); masks.append(mask); index.append(image_index)
-            n_itm = text.shape[0]
-            if return_outputs and itm_negatives is not None:
-                out.update(neg_image=itm_negatives[0], neg_text=itm_negatives[1])
+            out.update(extra)
+            groups.append(itm)
         if cfg.mlm.enabled:
-            rows.append(text_all[b:]); masks.append(attention_mask); index.append(torch.arange(b, device=image.device))
-        if rows:
-            fused = model.fuse(torch.cat(rows), torch.cat(masks), image_tokens, torch.cat(index))
+            groups.append(FusionRows(text_all[b:], attention_mask, torch.arange(b, device=image.device)))
+        fused = fuse_rows(model, groups, image_tokens)  # (3B or B, T, C) ITM, then (B, T, C) MLM
 
         if cfg.itm.enabled:
-            logits = model.itm_logits(fused[:n_itm])  # (B or 3B, 2)
-            out.update(itm_loss(logits, num_positive=b))
-            if return_outputs:
-                out["itm_logits"] = logits.detach()
+            out.update(itm_head(model, fused[0], b, return_outputs))
 
         if cfg.mlm.enabled:
-            fused_mlm = fused[n_itm:]  # (B, T, C)
+            fused_mlm = fused[-1]  # (B, T, C)
             chosen = labels != IGNORE
             soft = None
             if alpha_mlm > 0:
                 with torch.no_grad():
-                    m_fused = m.fuse(m_text_all[-b:], attention_mask, m_image_tokens)
+                    m = mom.model
+                    m_fused = m.fuse(keys.text_hidden[-b:], attention_mask, keys.image_tokens)
                     soft = torch.softmax(m.mlm_logits(m_fused[chosen]).float(), dim=-1)
             # The vocabulary projection runs on the masked positions only (same loss, less work).
             out.update(mlm_loss(model.mlm_logits(fused_mlm[chosen]), labels[chosen], soft, alpha_mlm))
             if return_outputs:
                 out["mlm_logits"] = model.mlm_logits(fused_mlm).detach()
 
-        if cfg.itc.enabled and self.training:
-            index_keys = image_idx if image_idx is not None else torch.full((b,), -1, device=image.device)
-            (mom.enqueue if enqueue else mom.keep)(m_image_feat, m_text_feat, index=index_keys)
-
-        weights = {"itc_loss": cfg.itc.weight, "itm_loss": cfg.itm.weight, "mlm_loss": cfg.mlm.weight}
-        out["loss"] = sum(weights[k] * out[k] for k in weights if k in out)
+        finish_queue(mom, keys, image_idx, training=self.training, enqueue=enqueue)
+        out["loss"] = weighted_loss(out, loss_weights(cfg))
         out["temp"] = temp.detach()
         return out
-
-
-def build_task(cfg: AlbefConfig, special: SpecialTokens = SpecialTokens()) -> nn.Module:
-    """Model from ``cfg.model`` (weights loaded per config) wrapped in the task ``cfg.task`` names.
-
-    ``pretrain``: :class:`PretrainTask`; ``retrieval``:
-    :class:`~albef_ray.objectives.retrieval.RetrievalTask`.
-    """
-    from ..model.loading import build_model_from_config, load_albef_checkpoint
-    from .retrieval import RetrievalTask
-
-    task_class = RetrievalTask if cfg.task == "retrieval" else PretrainTask
-    task = task_class(build_model_from_config(cfg), cfg, special)
-    if cfg.model.checkpoint:
-        log.info("%s", load_albef_checkpoint(task, cfg.model.checkpoint))
-    return task

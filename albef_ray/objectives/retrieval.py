@@ -12,9 +12,10 @@ image. Two things change from pretraining:
 
 There is no MLM. ``image_idx`` (B,) int64 comes with the batch (a stable hash of
 ``(source, image_id)``, :func:`albef_ray.data.schema.image_indices`); ``alpha`` is an argument.
-Pretraining runs the same two functions (:func:`~albef_ray.objectives.itc.contrastive`,
-:func:`~albef_ray.objectives.itm.itm_pairs`) when its batches carry ``image_idx``; here it is
-required. The EMA / enqueue protocol is :class:`~albef_ray.objectives.pretrain.PretrainTask`'s.
+Both tasks are built from the same blocks (:mod:`albef_ray.objectives.blocks`): pretraining
+gets the image-id-aware ITC and negatives when its batches carry ``image_idx``; here it is
+required. The EMA / enqueue protocol is the blocks' (:func:`~albef_ray.objectives.blocks.momentum_forward`,
+:func:`~albef_ray.objectives.blocks.finish_queue`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,15 @@ from torch import nn
 from ..config import AlbefConfig
 from ..model.albef import ALBEF
 from ..model.momentum import MomentumEncoder
-from .itc import contrastive
-from .itm import itm_loss, itm_pairs
+from .blocks import (
+    clamp_temperature,
+    finish_queue,
+    itc_step,
+    itm_step,
+    loss_weights,
+    momentum_forward,
+    weighted_loss,
+)
 from .mlm import SpecialTokens
 
 
@@ -79,46 +87,29 @@ class RetrievalTask(nn.Module):
         if image_idx is None:
             raise ValueError("retrieval fine-tuning needs image_idx (B,) with the batch")
         cfg, model, mom = self.cfg, self.model, self.momentum
-        b = image.shape[0]
         out: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            model.temp.clamp_(cfg.model.temp_min, cfg.model.temp_max)
-        temp = model.temp
+        temp = clamp_temperature(model, cfg)
         image_idx = image_idx.to(device=image.device, dtype=torch.long)
 
         image_tokens = model.encode_image(image)  # (B, 1+N, Dv)
         text_hidden = model.encode_text(input_ids, attention_mask)  # (B, T, C)
-
-        with torch.no_grad():
-            if self.training and update_momentum:
-                mom.update(model)
-            m = mom.model
-            m_image_feat = m.image_features(m.encode_image(image))  # (B, E) fp32
-            m_text_feat = m.text_features(m.encode_text(input_ids, attention_mask))
+        keys = momentum_forward(  # EMA first, then the (B, E) ITC keys
+            mom, model, image, input_ids, attention_mask, training=self.training, update_momentum=update_momentum,
+        )
 
         # ---- ITC with every caption of the same image a positive (both directions share it)
-        losses, itc = contrastive(
-            model.image_features(image_tokens), model.text_features(text_hidden), m_image_feat, m_text_feat,
-            mom.image_queue, mom.text_queue, temp, alpha if cfg.mod.itc else 0.0, image_idx, mom.index_queue,
+        losses, itc = itc_step(
+            model, mom, cfg, image_tokens, text_hidden, keys, temp, alpha, image_idx, return_outputs
         )
         out.update(losses)
 
         # ---- ITM: positives, then (text i, image neg_image[i]), then (text neg_text[i], image i)
-        text, mask, image_index, itm_negatives = itm_pairs(
-            text_hidden, attention_mask, itc["sim_i2t"], itc["sim_t2i"], cfg.itm.hard_negatives, generator,
-            image_idx, itm_negatives,
-        )
-        logits = model.itm_logits(model.fuse(text, mask, image_tokens, image_index))  # (B or 3B, 2)
-        out.update(itm_loss(logits, num_positive=b))
+        out.update(itm_step(
+            model, cfg, image_tokens, text_hidden, attention_mask, itc, generator, image_idx, itm_negatives,
+            return_outputs,
+        ))  # one fusion pass over the 3B (B when B = 1) ITM rows
 
-        if self.training:
-            (mom.enqueue if enqueue else mom.keep)(m_image_feat, m_text_feat, index=image_idx)
-
-        if return_outputs:
-            out.update(sim_i2t=itc["sim_i2t"].detach(), sim_t2i=itc["sim_t2i"].detach(),
-                       target_i2t=itc["target_i2t"], target_t2i=itc["target_t2i"], itm_logits=logits.detach())
-            if itm_negatives is not None:
-                out.update(neg_image=itm_negatives[0], neg_text=itm_negatives[1])
-        out["loss"] = cfg.itc.weight * out["itc_loss"] + cfg.itm.weight * out["itm_loss"]
+        finish_queue(mom, keys, image_idx, training=self.training, enqueue=enqueue)
+        out["loss"] = weighted_loss(out, loss_weights(cfg))
         out["temp"] = temp.detach()
         return out

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import AlbefConfig, dump_yaml
-from ..model.loading import CheckpointError, read_weights_file
+from ..model.weights_file import CheckpointError, read_weights_file
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"

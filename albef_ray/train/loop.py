@@ -21,6 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import AlbefConfig, ConfigError
+from ..precision import autocast_context, resolve_device
+from .metrics import MetricWindow
 from .optim import alpha_at, build_optimizer, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -53,20 +55,6 @@ class Schedule:
         if not spe:
             raise ConfigError("train.steps_per_epoch: must be set when the number of batches is unknown")
         return cls(total_steps=cfg.train.epochs * spe, steps_per_epoch=spe)
-
-
-def resolve_device(cfg: AlbefConfig) -> torch.device:
-    """CUDA when ``train.use_gpu`` and a GPU is visible, else CPU."""
-    return torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
-
-
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``precision == "bf16"`` where the device supports it, else a no-op."""
-    if precision != "bf16" or not torch.amp.is_autocast_available(device.type):
-        return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def split_batch(batch: Batch, parts: int) -> list[dict[str, object]]:
@@ -208,14 +196,6 @@ def format_metrics(step: int, total: int, metrics: Mapping[str, float]) -> str:
     return " | ".join(parts)
 
 
-def _window_mean(history: list[dict[str, float]]) -> dict[str, float]:
-    keys = [k for k in history[-1] if k not in ("step", "epoch")]
-    mean = {k: sum(h[k] for h in history) / len(history) for k in keys if k != "skipped"}
-    mean["lr"] = history[-1]["lr"]
-    mean["skipped"] = sum(h["skipped"] for h in history)
-    return mean
-
-
 def run_local(
     cfg: AlbefConfig,
     batches: Iterable[Batch],
@@ -238,7 +218,7 @@ def run_local(
     Returns:
         One metric dict per step (:func:`train_step`'s, plus ``step`` and ``epoch``).
     """
-    from ..objectives.pretrain import build_task
+    from ..tasks import build_task
 
     torch.manual_seed(cfg.seed)
     device = device or resolve_device(cfg)
@@ -249,7 +229,8 @@ def run_local(
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     history: list[dict[str, float]] = []
-    step, window_start = 0, 0
+    window = MetricWindow()
+    step = 0
     start = time.perf_counter()
     bar = tqdm(total=stop, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
     with bar:
@@ -259,14 +240,14 @@ def run_local(
                     break
                 metrics = train_step(task, optimizer, to_device(batch, device), step, cfg, schedule, generator)
                 history.append({**metrics, "step": float(step), "epoch": float(epoch)})
+                window.add(metrics)
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
                 if step % cfg.train.log_every_steps == 0 or step == stop:
-                    window = _window_mean(history[window_start:])
-                    window["s_per_step"] = (time.perf_counter() - start) / step
-                    log_fn(format_metrics(step, stop, window))
-                    window_start = step
+                    summary = window.flush()
+                    summary["s_per_step"] = (time.perf_counter() - start) / step
+                    log_fn(format_metrics(step, stop, summary))
             if step >= stop:
                 break
     skipped = int(sum(h["skipped"] for h in history))

@@ -14,7 +14,7 @@ import torch
 from albef_ray.cli import main
 from albef_ray.data.manifest import dataset_problem
 from albef_ray.data.schema import MANIFEST, PROGRESS_DIR
-from albef_ray.data.synth import SynthConfig, build_synth
+from albef_ray.synth.benchmark import SynthConfig, build_synth
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments" / "demo_cpu.yaml")

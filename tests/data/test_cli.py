@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from albef_ray.cli import build_parser, main, parse_size
+from albef_ray.cli import build_parser, main
+from albef_ray.cli.common import parse_size
 from albef_ray.data.manifest import read_manifest
 
 from .samples import make_json_input, make_webdataset_input
@@ -178,7 +179,7 @@ def test_the_report_says_how_rows_are_ordered(tmp_path, capsys):
 
 
 def test_sigterm_stops_a_build_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
-    import albef_ray.data.writer as writer_module
+    import albef_ray.data.build.writer as writer_module
 
     tars, _ = make_webdataset_input(tmp_path / "tars")
 

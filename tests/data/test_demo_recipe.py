@@ -15,15 +15,15 @@ import torch
 
 from albef_ray.config import load_config
 from albef_ray.data.collate import load_tokenizer, tokenize
-from albef_ray.data.synth import SynthConfig, build_synth
+from albef_ray.synth.benchmark import SynthConfig, build_synth
 from albef_ray.data.transforms import normalize
 from albef_ray.eval import evaluate, load_split
 from albef_ray.eval.itm import ITM_PRIOR, itm_accuracy
 from albef_ray.objectives.mlm import SpecialTokens
-from albef_ray.objectives.pretrain import build_task
+from albef_ray.tasks import build_task
 from albef_ray.train.loop import Schedule, train_step
 from albef_ray.train.optim import build_optimizer
-from albef_ray.train.unimodal import InitSettings, build_synth_init
+from albef_ray.synth.unimodal import InitSettings, build_synth_init
 from tests.data.test_eval_trained import chance
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ import pytest
 
 from albef_ray.cli import main
 from albef_ray.config import load_config
-from albef_ray.data.synth import SynthConfig, build_synth
-from albef_ray.launch.tracking import open_run
+from albef_ray.synth.benchmark import SynthConfig, build_synth
+from albef_ray.tracking import open_run
 from albef_ray.model.albef import build_model
 from albef_ray.objectives.pretrain import PretrainTask
 from albef_ray.train.checkpoint import TrainProgress, save_training_state

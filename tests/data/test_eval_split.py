@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from albef_ray.config import ConfigError
-from albef_ray.data.sources import parse_source_spec
-from albef_ray.data.synth import SynthConfig, build_synth
-from albef_ray.data.writer import write_dataset
+from albef_ray.data.build.sources import parse_source_spec
+from albef_ray.synth.benchmark import SynthConfig, build_synth
+from albef_ray.data.build.writer import write_dataset
 from albef_ray.eval import evaluate, evaluate_checkpoint, load_split, resolve_checkpoint
 from albef_ray.data.collate import load_tokenizer
 from albef_ray.model.albef import build_model

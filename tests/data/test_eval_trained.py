@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from albef_ray.data.collate import load_tokenizer, tokenize
-from albef_ray.data.synth import SynthConfig, build_synth
+from albef_ray.synth.benchmark import SynthConfig, build_synth
 from albef_ray.data.transforms import normalize
 from albef_ray.eval import evaluate, load_split
 from albef_ray.model.albef import build_model

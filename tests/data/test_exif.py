@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from albef_ray.data.candidates import Candidate
+from albef_ray.data.build.candidates import Candidate
 from albef_ray.data.transforms import AugmentSpec, decode_image, eval_image, pretrain_image
-from albef_ray.data.validate import check_candidate, image_size
+from albef_ray.data.build.validate import check_candidate, image_size
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

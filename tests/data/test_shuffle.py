@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from albef_ray.data import shuffle, writer
+from albef_ray.data.build import shuffle, writer
 from albef_ray.data.manifest import read_manifest, shard_paths
 from albef_ray.data.schema import PROGRESS_DIR
-from albef_ray.data.sources import Candidate, IterableSource
-from albef_ray.data.writer import write_dataset
+from albef_ray.data.build.sources import Candidate, IterableSource
+from albef_ray.data.build.writer import write_dataset
 
 from .samples import image_bytes
 

@@ -9,13 +9,13 @@ import pytest
 
 from albef_ray.data.manifest import read_manifest, shard_paths
 from albef_ray.data.schema import ROW_SCHEMA, SKIP_REASONS
-from albef_ray.data.sources import (
+from albef_ray.data.build.sources import (
     Img2DatasetSource,
     JsonSource,
     WebDatasetSource,
     parse_source_spec,
 )
-from albef_ray.data.writer import write_dataset
+from albef_ray.data.build.writer import write_dataset
 
 from .samples import (
     Expected,

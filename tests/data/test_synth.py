@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from albef_ray.data.manifest import read_manifest, shard_paths
-from albef_ray.data.scenes import COLOURS, Scene, Thing, caption, template_count
-from albef_ray.data.synth import SynthConfig, SynthSource, build_synth, plan, render
+from albef_ray.synth.scenes import COLOURS, Scene, Thing, caption, template_count
+from albef_ray.synth.benchmark import SynthConfig, SynthSource, build_synth, plan, render
 
 SMALL = SynthConfig(seed=3, train=40, val=8, test=8, noise=0.25, eval_captions=4)
 

@@ -8,12 +8,12 @@ import torch.nn.functional as F
 
 from albef_ray.cli import main
 from albef_ray.data.collate import load_tokenizer, tokenize
-from albef_ray.data.scenes import Scene, Thing
-from albef_ray.data.synth import SynthConfig, build_synth
+from albef_ray.synth.scenes import Scene, Thing
+from albef_ray.synth.benchmark import SynthConfig, build_synth
 from albef_ray.data.transforms import normalize
 from albef_ray.eval import load_split
 from albef_ray.model.loading import build_model_from_config
-from albef_ray.train.unimodal import BERT_DIR, LABELS, REPORT_FILE, VIT_FILE, scene_labels
+from albef_ray.synth.unimodal import BERT_DIR, LABELS, REPORT_FILE, VIT_FILE, scene_labels
 from tests.conftest import tiny_cfg
 
 pytestmark = pytest.mark.slow

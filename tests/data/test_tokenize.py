@@ -7,7 +7,7 @@ import torch
 from albef_ray.config import build_config
 from albef_ray.data.collate import CaptionCollator, load_tokenizer, tokenize
 from albef_ray.objectives.mlm import IGNORE, SpecialTokens, mask_tokens
-from albef_ray.train.synthetic import SyntheticSpec, synthetic_batches
+from albef_ray.synth.tensors import SyntheticSpec, synthetic_batches
 from tests.data.shard_fixtures import make_tokenizer
 
 LONG = "a small blue square left of the large green circle"  # 10 words, one token each

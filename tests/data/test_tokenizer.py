@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from albef_ray.data.scenes import lexicon
-from albef_ray.data.synth import SynthConfig, build_synth, plan
+from albef_ray.synth.scenes import lexicon
+from albef_ray.synth.benchmark import SynthConfig, build_synth, plan
 from albef_ray.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_wordpiece
 from albef_ray.objectives.mlm import SpecialTokens
 

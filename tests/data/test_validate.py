@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from PIL import ImageFile
 
-from albef_ray.data.candidates import Candidate
-from albef_ray.data.validate import ImageCheckError, check_candidate, check_stream, image_size
+from albef_ray.data.build.candidates import Candidate
+from albef_ray.data.build.validate import ImageCheckError, check_candidate, check_stream, image_size
 
 from .samples import garbage, image_bytes, truncated
 

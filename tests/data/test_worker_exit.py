@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="re
 SCRIPT = """
 import io, sys, time
 from PIL import Image
-from albef_ray.data.candidates import Candidate, IterableSource
-from albef_ray.data.writer import write_dataset
+from albef_ray.data.build.candidates import Candidate, IterableSource
+from albef_ray.data.build.writer import write_dataset
 
 buffer = io.BytesIO()
 Image.new("RGB", (8, 8)).save(buffer, "PNG")

@@ -8,7 +8,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from albef_ray.data import writer
+from albef_ray.data.build import writer
 from albef_ray.data.manifest import (
     read_manifest,
     shard_paths,
@@ -16,8 +16,8 @@ from albef_ray.data.manifest import (
     tokenizer_dir,
 )
 from albef_ray.data.schema import PROGRESS_DIR
-from albef_ray.data.sources import Candidate, Img2DatasetSource, IterableSource, JsonSource
-from albef_ray.data.writer import BuildError, write_dataset
+from albef_ray.data.build.sources import Candidate, Img2DatasetSource, IterableSource, JsonSource
+from albef_ray.data.build.writer import BuildError, write_dataset
 
 from .samples import image_bytes, make_img2dataset_input
 

@@ -51,7 +51,7 @@ def test_finetune_evaluates_each_epoch_keeps_the_best_and_resumes(ray_cluster, d
 
     from albef_ray.cli import main
     from albef_ray.launch.finetune import run_finetune
-    from albef_ray.launch.train import FAULT_MARKER
+    from albef_ray.launch.faults import FAULT_MARKER
 
     # ---- 3 epochs on 2 workers; rank 1 dies before step 6, the group restarts from step 4.
     # Checkpoints at steps 2, 3 (epoch end) and 4. The injected fault waits until Ray has
@@ -59,7 +59,7 @@ def test_finetune_evaluates_each_epoch_keeps_the_best_and_resumes(ray_cluster, d
     # behind the workers' reports), so the restart point is the last checkpoint, not a race.
     cfg = load_config(SYNTH, [*_overrides(dataset, tmp_path), f"train.epochs={EPOCHS}", "run.name=ft",
                               "run.fail_at_step=5", "run.max_failures=1"])
-    result = run_finetune(cfg, echo=lambda *_: None)
+    result, _ = run_finetune(cfg, echo=lambda *_: None)
     assert (tmp_path / "ft" / FAULT_MARKER).exists()
     assert result.return_value["start_step"] == 4  # the last checkpoint, mid-epoch 2 (not evaluated)
     assert result.metrics["step"] == EPOCHS * STEPS_PER_EPOCH and result.metrics["epoch"] == EPOCHS

@@ -114,7 +114,8 @@ def _resume_data(root: Path) -> None:
 
 def _fit_recorded(cfg, out: Path):
     from albef_ray.launch.data import build_pretrain_inputs
-    from albef_ray.launch.train import absolute_data_paths, init_ray, launch_pretrain
+    from albef_ray.launch.common import absolute_data_paths, init_ray
+    from albef_ray.launch.train import launch_pretrain
 
     out.mkdir(parents=True)
     cfg = absolute_data_paths(cfg)
@@ -166,7 +167,8 @@ def test_resume_mid_epoch_trains_exactly_the_rows_of_a_straight_run(ray_cluster,
 
 
 def test_killed_worker_run_completes_from_checkpoint(ray_cluster, tmp_path):
-    from albef_ray.launch.train import FAULT_MARKER, run_pretrain
+    from albef_ray.launch.faults import FAULT_MARKER
+    from albef_ray.launch.train import run_pretrain
 
     cfg = _cfg(tmp_path, "train.num_workers=2", "train.steps_per_epoch=10", "train.max_steps=8",
                "train.checkpoint_every_steps=3", "run.fail_at_step=5", "run.max_failures=1",

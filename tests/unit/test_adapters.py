@@ -148,7 +148,7 @@ def test_albef_unknown_keys_are_reported():
 
 
 def test_build_task_loads_configured_checkpoint_in_native_layout(tmp_path):
-    from albef_ray.objectives.pretrain import build_task
+    from albef_ray.tasks import build_task
 
     src = PretrainTask(build_model("albef_tiny"), tiny_cfg())
     torch.save({"model": src.state_dict()}, tmp_path / "native.pth")

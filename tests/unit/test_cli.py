@@ -1,5 +1,6 @@
-"""The ``albef-ray`` command: config show / validate, pretrain, and its error handling."""
+"""The ``albef-ray`` command: config show / validate, pretrain, its error handling and dispatch."""
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -7,9 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from albef_ray.cli import main
+from albef_ray.cli import build_parser, main
+from albef_ray.cli.common import RESUME_HELP, load
 
 DEMO = str(Path(__file__).resolve().parents[2] / "experiments" / "demo_cpu.yaml")
+FINETUNE = str(Path(__file__).resolve().parents[2] / "experiments" / "finetune_synth.yaml")
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
@@ -103,3 +106,56 @@ def test_pretrain_config_problems_are_named(capsys, override, message):
     assert main(["pretrain", "--config", DEMO, override]) == 2
     assert message in capsys.readouterr().err
     assert not ray.is_initialized()  # rejected before any Ray work
+
+
+def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """``(path, parser)`` of every subcommand parser that has no subcommands of its own."""
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not groups:
+        yield " ".join(path), parser
+    for group in groups:
+        for name, sub in group.choices.items():
+            yield from _leaves(sub, (*path, name))
+
+
+def test_every_leaf_subcommand_dispatches_through_func():
+    leaves = dict(_leaves(build_parser()))
+    assert {
+        "config show", "config validate", "pretrain", "data build", "data synth", "data synth-init",
+        "sweep", "compare", "eval retrieval", "finetune retrieval",
+    } <= set(leaves)
+    for name, parser in leaves.items():
+        assert callable(parser.get_default("func")), f"{name}: no func default"
+
+
+@pytest.mark.parametrize(
+    "leaf, command",
+    [("pretrain", ["pretrain", "--config", DEMO]), ("finetune retrieval", ["finetune", "retrieval", "--config", FINETUNE])],
+)
+def test_resume_is_the_run_name_for_pretrain_and_finetune_alike(leaf, command):
+    parser = build_parser()
+    (resume,) = [a for a in dict(_leaves(parser))[leaf]._actions if a.dest == "resume"]
+    assert resume.option_strings == ["--resume"] and resume.metavar == "NAME" and resume.help == RESUME_HELP
+    assert load(parser.parse_args(command)).run.name is None
+    resumed = load(parser.parse_args([*command, "--resume", "run-7", "train.max_steps=2"]))
+    assert resumed.run.name == "run-7" and resumed.train.max_steps == 2
+
+
+def test_pretrain_and_finetune_launch_the_resumed_run(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    launched = {}
+
+    def run_pretrain(cfg, *args, **kwargs):
+        launched["pretrain"] = cfg.run.name
+        return SimpleNamespace(metrics={})
+
+    def run_finetune(cfg, *args, **kwargs):
+        launched["finetune"] = cfg.run.name
+        return SimpleNamespace(metrics={}), None  # (Ray result, no best checkpoint)
+
+    monkeypatch.setattr("albef_ray.launch.train.run_pretrain", run_pretrain)
+    monkeypatch.setattr("albef_ray.launch.finetune.run_finetune", run_finetune)
+    assert main(["pretrain", "--config", DEMO, "--resume", "pre-1"]) == 0
+    assert main(["finetune", "retrieval", "--config", FINETUNE, "--resume", "ft-1"]) == 0
+    assert launched == {"pretrain": "pre-1", "finetune": "ft-1"}

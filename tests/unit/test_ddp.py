@@ -36,7 +36,7 @@ import torch
 import torch.multiprocessing as mp
 
 from albef_ray.model.albef import build_model
-from albef_ray.objectives.pretrain import build_task
+from albef_ray.tasks import build_task
 from tests.conftest import make_batch, tiny_cfg
 from tests.distributed_steps import ddp_worker, one_step
 

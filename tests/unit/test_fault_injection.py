@@ -10,8 +10,9 @@ import threading
 import pytest
 
 from albef_ray.config import build_config
-from albef_ray.launch import train as launch_train
-from albef_ray.launch.train import FAULT_MARKER, RAY_CHECKPOINT_SNAPSHOT, _maybe_inject_fault
+from albef_ray.launch import faults
+from albef_ray.launch.faults import FAULT_MARKER, RAY_CHECKPOINT_SNAPSHOT
+from albef_ray.launch.faults import maybe_inject_fault as _maybe_inject_fault
 
 
 class _Exited(Exception):
@@ -38,7 +39,7 @@ def test_the_fault_waits_until_ray_registered_the_newest_checkpoint(tmp_path, mo
         seen["registered"] = json.loads((run_dir / RAY_CHECKPOINT_SNAPSHOT).read_text())["latest_checkpoint_result"]
         raise _Exited
 
-    monkeypatch.setattr(launch_train.os, "_exit", exit_)
+    monkeypatch.setattr(faults.os, "_exit", exit_)
     catch_up = threading.Timer(0.3, _snapshot, (run_dir, "checkpoint_2026-01-01_00-00-02.000000"))
     catch_up.start()
     cfg = build_config({"run": {"fail_at_step": 5}})
@@ -53,11 +54,11 @@ def test_the_fault_waits_until_ray_registered_the_newest_checkpoint(tmp_path, mo
 
 
 def test_without_checkpoints_or_past_the_timeout_the_fault_still_fires(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(launch_train.os, "_exit", lambda code: (_ for _ in ()).throw(_Exited()))
+    monkeypatch.setattr(faults.os, "_exit", lambda code: (_ for _ in ()).throw(_Exited()))
     cfg = build_config({"run": {"fail_at_step": 1}})
     with pytest.raises(_Exited):
         _maybe_inject_fault(cfg, step=1, rank=1, world=2, run_dir=tmp_path / "fresh")  # nothing to wait for
     run_dir = tmp_path / "stuck"
     _checkpoint(run_dir, "checkpoint_a")
-    launch_train._wait_until_registered(run_dir, timeout_s=0.0)
+    faults._wait_until_registered(run_dir, timeout_s=0.0)
     assert "did not register checkpoint checkpoint_a" in caplog.text

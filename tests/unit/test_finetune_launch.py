@@ -8,8 +8,10 @@ import pytest
 
 from albef_ray.cli import main
 from albef_ray.config import ConfigError, load_config
-from albef_ray.launch.finetune import _check_inputs, best_checkpoint, evaluates_every_epoch
-from albef_ray.launch.train import absolute_data_paths
+from albef_ray.launch.common import absolute_data_paths
+from albef_ray.launch.finetune import check_inputs
+from albef_ray.launch.train import best_checkpoint
+from albef_ray.tasks import get_task
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 COCO, FLICKR, SYNTH = (str(EXPERIMENTS / f"finetune_{n}.yaml") for n in ("coco", "flickr", "synth"))
@@ -23,7 +25,7 @@ def test_config_files_follow_the_official_retrieval_settings():
         assert cfg.optim.warmup_lr == cfg.optim.lr  # official warm-up from 1e-5 to 1e-5: a constant first epoch
         assert (cfg.train.batch_size, cfg.train.num_workers) == (32, 8) and cfg.data.crop_scale == (0.5, 1.0)
         assert cfg.momentum.queue_size == 65536 and cfg.mod.alpha == 0.4 and cfg.mod.itc
-        assert cfg.eval.split == "val" and evaluates_every_epoch(cfg)
+        assert cfg.eval.split == "val" and get_task(cfg.task).evaluates_every_epoch(cfg)
     assert (coco.train.epochs, coco.eval.k_test) == (5, 256)
     assert (flickr.train.epochs, flickr.eval.k_test) == (10, 128)
     assert load_config(SYNTH).model.size == "albef_tiny"
@@ -32,11 +34,11 @@ def test_config_files_follow_the_official_retrieval_settings():
 def test_inputs_are_checked_before_ray_starts(tmp_path):
     (tmp_path / "ds" / "train").mkdir(parents=True)
     ok = load_config(SYNTH, [f"data.shards=[{tmp_path / 'ds'}]", "eval.every_epoch=false"])
-    _check_inputs(ok)
+    check_inputs(ok)
     with pytest.raises(ConfigError, match=r"^data\.shards: "):
-        _check_inputs(load_config(SYNTH, ["data.shards=[]"]))
+        check_inputs(load_config(SYNTH, ["data.shards=[]"]))
     with pytest.raises(ConfigError, match=r"^task: "):
-        _check_inputs(load_config(None, [f"data.shards=[{tmp_path / 'ds'}]"]))
+        check_inputs(load_config(None, [f"data.shards=[{tmp_path / 'ds'}]"]))
 
 
 def test_best_checkpoint_skips_unevaluated_ones():
@@ -49,9 +51,9 @@ def test_best_checkpoint_skips_unevaluated_ones():
         (ckpt("c"), {"r_mean": 55.5, "step": 12}),
         (ckpt("d"), {"step": 14}),
     ])
-    assert best_checkpoint(result) == ("c", {"r_mean": 55.5, "step": 12})
-    assert best_checkpoint(SimpleNamespace(best_checkpoints=[(ckpt("a"), {"r_mean": math.nan})])) is None
-    assert best_checkpoint(SimpleNamespace(best_checkpoints=None)) is None
+    assert best_checkpoint(result, "r_mean") == ("c", {"r_mean": 55.5, "step": 12})
+    assert best_checkpoint(SimpleNamespace(best_checkpoints=[(ckpt("a"), {"r_mean": math.nan})]), "r_mean") is None
+    assert best_checkpoint(SimpleNamespace(best_checkpoints=None), "r_mean") is None
 
 
 def test_eval_shards_and_checkpoint_become_absolute(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 import pytest
 
 from albef_ray.config import ConfigError, build_config
-from albef_ray.launch.train import absolute_data_paths, run_paths
+from albef_ray.launch.common import absolute_data_paths, run_paths
 
 
 def test_local_data_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from albef_ray.objectives.mlm import IGNORE
 from albef_ray.objectives.pretrain import PretrainTask
 from albef_ray.train.loop import Schedule, run_local, split_batch, train_step
 from albef_ray.train.optim import build_optimizer
-from albef_ray.train.synthetic import SyntheticSpec, synthetic_batches
+from albef_ray.synth.tensors import SyntheticSpec, synthetic_batches
 from tests.conftest import make_batch, tiny_cfg
 
 DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo_cpu.yaml"

@@ -7,6 +7,19 @@ import torch
 import torch.nn.functional as F
 
 from albef_ray.model.albef import build_model
+from albef_ray.model.momentum import MomentumEncoder
+from albef_ray.objectives.blocks import (
+    FusionRows,
+    clamp_temperature,
+    finish_queue,
+    fuse_rows,
+    itm_head,
+    itm_rows,
+    itm_step,
+    loss_weights,
+    momentum_forward,
+    weighted_loss,
+)
 from albef_ray.objectives.itc import itc_loss, itc_targets, soft_cross_entropy
 from albef_ray.objectives.itm import itm_loss, sample_negatives
 from albef_ray.objectives.mlm import IGNORE, SpecialTokens, mask_tokens, mlm_loss
@@ -277,3 +290,124 @@ def test_eval_mode_is_deterministic_given_masks_and_negatives():
     a, b = task(image, ids, att, 0.4, **kw), task(image, ids, att, 0.4, **kw)
     for k in ("loss", "itc_loss", "itm_loss", "mlm_loss"):
         assert torch.equal(a[k], b[k])
+
+
+# ------------------------------------------------------------------------ shared blocks
+
+
+def test_weighted_loss_sums_present_losses_with_their_weights():
+    out = {"itc_loss": torch.tensor(2.0), "mlm_loss": torch.tensor(3.0), "itc_acc": torch.tensor(9.0),
+           "temp": torch.tensor(0.07)}
+    weights = {"itc_loss": 0.5, "itm_loss": 10.0, "mlm_loss": 2.0}  # no itm_loss in out: adds nothing
+    assert weighted_loss(out, weights).item() == pytest.approx(0.5 * 2.0 + 2.0 * 3.0)
+
+
+def test_weighted_loss_refuses_a_loss_without_a_weight():
+    with pytest.raises(KeyError, match="vqa_loss"):
+        weighted_loss({"itc_loss": torch.tensor(1.0), "vqa_loss": torch.tensor(1.0)}, {"itc_loss": 1.0})
+
+
+def test_weighted_loss_keeps_the_gradient_of_each_term():
+    a, b = torch.tensor(1.0, requires_grad=True), torch.tensor(2.0, requires_grad=True)
+    weighted_loss({"itc_loss": a, "itm_loss": b}, {"itc_loss": 0.3, "itm_loss": 4.0}).backward()
+    assert a.grad.item() == pytest.approx(0.3) and b.grad.item() == pytest.approx(4.0)
+
+
+def test_loss_weights_come_from_the_config():
+    cfg = tiny_cfg(itc={"weight": 0.3}, itm={"weight": 2.0}, mlm={"weight": 0.0})
+    assert loss_weights(cfg) == {"itc_loss": 0.3, "itm_loss": 2.0, "mlm_loss": 0.0}
+
+
+@pytest.mark.parametrize("start, expected", [(5.0, 0.2), (1e-5, 0.01), (0.07, 0.07)])
+def test_clamp_temperature_bounds(start, expected):
+    cfg = tiny_cfg(model={"temp_min": 0.01, "temp_max": 0.2})
+    model = build_model("albef_tiny")
+    with torch.no_grad():
+        model.temp.fill_(start)
+    temp = clamp_temperature(model, cfg)
+    assert temp is model.temp and temp.item() == pytest.approx(expected)
+    assert temp.requires_grad and temp.grad_fn is None  # clamped in place, outside the graph
+
+
+def _momentum():
+    torch.manual_seed(0)
+    model = build_model("albef_tiny", text_dropout=0.0)
+    return model, MomentumEncoder(model, 0.5, 8, index_queue=True)
+
+
+@pytest.mark.parametrize("training, update, ema", [(True, True, True), (True, False, False), (False, True, False)])
+def test_momentum_forward_runs_the_ema_only_in_training_when_asked(training, update, ema):
+    model, mom = _momentum()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    before = [p.clone() for p in mom.model.parameters()]
+    image, ids, att = make_batch(model.arch, b=2)
+    momentum_forward(mom, model, image, ids, att, training=training, update_momentum=update)
+    moved = any(not torch.equal(p, q) for p, q in zip(before, mom.model.parameters()))
+    assert moved == ema and mom.ema_due == (not ema)
+
+
+def test_momentum_forward_keys_come_from_the_momentum_encoders():
+    model, mom = _momentum()
+    image, ids, att = make_batch(model.arch, b=2)
+    two_rows = torch.cat([ids, ids.flip(0)]), torch.cat([att, att.flip(0)])  # (2B, T): keys from the first B
+    keys = momentum_forward(mom, model, image, *two_rows, training=False, update_momentum=False)
+    m = mom.model
+    with torch.no_grad():
+        torch.testing.assert_close(keys.image_feat, m.image_features(m.encode_image(image)))
+        torch.testing.assert_close(keys.text_feat, m.text_features(m.encode_text(ids, att)))
+    assert keys.text_hidden.shape[0] == 4 and not keys.image_feat.requires_grad
+    bare = momentum_forward(mom, model, image, training=False, update_momentum=False, features=False)
+    assert bare.text_hidden is None and bare.image_feat is None and bare.text_feat is None
+    assert bare.image_tokens.shape[0] == 2
+
+
+def test_finish_queue_enqueues_keeps_or_skips():
+    model, mom = _momentum()
+    image, ids, att = make_batch(model.arch, b=2)
+    keys = momentum_forward(mom, model, image, ids, att, training=False, update_momentum=False)
+    finish_queue(mom, keys, training=False, enqueue=True)  # eval: nothing
+    assert int(mom.queue_ptr) == 0 and not mom.pending
+    finish_queue(mom, keys, torch.tensor([4, 5]), training=True, enqueue=False)  # kept for commit()
+    assert int(mom.queue_ptr) == 0 and mom.pending[0][2].tolist() == [4, 5]
+    finish_queue(mom, keys, training=True, enqueue=True)  # no image_idx: -1 in the index queue
+    assert int(mom.queue_ptr) == 2 and mom.index_queue[:2].tolist() == [-1, -1]
+    torch.testing.assert_close(mom.image_queue[:, :2], keys.image_feat.T)
+    torch.testing.assert_close(mom.text_queue[:, :2], keys.text_feat.T)
+    no_keys = momentum_forward(mom, model, image, training=False, update_momentum=False, features=False)
+    finish_queue(mom, no_keys, training=True, enqueue=True)  # no ITC keys (MoD-MLM only): nothing
+    finish_queue(None, None, training=True, enqueue=True)
+    assert int(mom.queue_ptr) == 2 and len(mom.pending) == 1
+
+
+def test_fuse_rows_is_one_pass_split_back_in_order():
+    torch.manual_seed(0)
+    model = build_model("albef_tiny", text_dropout=0.0).eval()
+    image, ids, att = make_batch(model.arch, b=3)
+    with torch.no_grad():
+        image_tokens, text = model.encode_image(image), model.encode_text(ids, att)
+        a = FusionRows(text, att, torch.tensor([2, 0, 1]))
+        b = FusionRows(text[:2], att[:2], torch.tensor([1, 1]))
+        fa, fb = fuse_rows(model, [a, b], image_tokens)
+        torch.testing.assert_close(fa, model.fuse(a.text, a.mask, image_tokens, a.image_index))
+        torch.testing.assert_close(fb, model.fuse(b.text, b.mask, image_tokens, b.image_index))
+    assert fuse_rows(model, [], image_tokens) == []
+
+
+def test_itm_step_is_rows_fuse_head_with_given_negatives():
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = build_model("albef_tiny", text_dropout=0.0).eval()
+    image, ids, att = make_batch(model.arch, b=3)
+    negatives = torch.tensor([1, 2, 0]), torch.tensor([2, 0, 1])
+    image_tokens, text = model.encode_image(image), model.encode_text(ids, att)
+    out = itm_step(model, cfg, image_tokens, text, att, None, negatives=negatives, return_outputs=True)
+    rows, extra = itm_rows(cfg, text, att, None, negatives=negatives, return_outputs=True)
+    assert rows.text.shape[0] == 9 and rows.image_index.tolist() == [0, 1, 2, 1, 2, 0, 0, 1, 2]
+    assert extra["neg_image"] is negatives[0] and extra["neg_text"] is negatives[1]
+    by_hand = itm_head(model, model.fuse(*rows[:2], image_tokens, rows.image_index), 3, return_outputs=True)
+    assert list(out) == ["neg_image", "neg_text", "itm_loss", "itm_acc", "itm_logits"]
+    torch.testing.assert_close(out["itm_logits"], by_hand["itm_logits"])
+    torch.testing.assert_close(out["itm_loss"], by_hand["itm_loss"])
+    assert "itm_logits" not in itm_step(model, cfg, image_tokens, text, att, None, negatives=negatives)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from albef_ray.config import MoDConfig, OptimConfig
-from albef_ray.objectives.pretrain import build_task
+from albef_ray.tasks import build_task
 from albef_ray.train.optim import alpha_at, build_optimizer, lr_at, no_decay_names, set_lr
 from tests.conftest import tiny_cfg
 

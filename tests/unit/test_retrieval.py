@@ -14,7 +14,8 @@ from albef_ray.model.albef import build_model
 from albef_ray.model.momentum import MomentumEncoder
 from albef_ray.objectives.itc import index_positives, itc_loss, itc_targets
 from albef_ray.objectives.itm import sample_negatives
-from albef_ray.objectives.pretrain import PretrainTask, build_task
+from albef_ray.objectives.pretrain import PretrainTask
+from albef_ray.tasks import build_task
 from albef_ray.objectives.retrieval import RetrievalTask
 from albef_ray.train.loop import Schedule, train_step
 from albef_ray.train.optim import build_optimizer

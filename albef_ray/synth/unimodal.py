@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import build_config
-from ..data.scenes import COLOURS, SHAPES, SIZES, Scene
+from .scenes import COLOURS, SHAPES, SIZES, Scene
 from ..model.registry import AlbefArch, get_arch
 from ..model.vision import ImageEncoder
 from ..objectives.mlm import IGNORE, SpecialTokens, mask_tokens
@@ -214,7 +214,7 @@ def build_synth_init(
     """
     from ..data.collate import tokenize
     from ..data.manifest import read_manifest
-    from ..data.synth import SynthConfig, plan
+    from .benchmark import SynthConfig, plan
     from ..data.tokenizer import load_tokenizer
     from ..data.transforms import normalize
 

@@ -7,7 +7,7 @@ into shards of a target size in rows or bytes. A bad input is skipped, counted a
 
 Shuffle. By default (``shuffle_seed=0``) rows are shuffled across each split, so the captions
 of one image do not sit together: they first go to a spill file in input order, then are
-written as shards in a seeded permutation (:mod:`albef_ray.data.shuffle`). With
+written as shards in a seeded permutation (:mod:`albef_ray.data.build.shuffle`). With
 ``shuffle_seed=None`` shards keep input order and are written directly.
 
 Resume. Every shard (or spilled chunk) is written to a temporary file and renamed into place,
@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 
 from . import shuffle
 from .candidates import Candidate, Source
-from .manifest import Manifest, assemble_manifest
-from .schema import (
+from ..manifest import Manifest, assemble_manifest
+from ..schema import (
     MANIFEST,
     PROGRESS_DIR,
     ROW_SCHEMA,

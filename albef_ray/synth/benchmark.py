@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .candidates import Candidate, Source
-from .manifest import Manifest
+from ..data.build.candidates import Candidate, Source
+from ..data.manifest import Manifest
 from .scenes import (
     COLOURS,
     NOISE_KINDS,
@@ -43,9 +43,9 @@ from .scenes import (
     sample_scene,
     template_count,
 )
-from .schema import TOKENIZER_DIR
-from .tokenizer import DEFAULT_VOCAB_SIZE, train_wordpiece
-from .writer import write_dataset
+from ..data.schema import TOKENIZER_DIR
+from ..data.tokenizer import DEFAULT_VOCAB_SIZE, train_wordpiece
+from ..data.build.writer import write_dataset
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}  # seeds each split's own random stream
 NOISE_FILE = "synth_noise.jsonl"

@@ -3,7 +3,7 @@
 A :class:`Source` yields :class:`Candidate` objects (one per input image, with its captions) in
 a fixed order, each with its ``position`` in that order, and can restart at a position: that is
 all the writer needs to resume an interrupted build. The readers of real input formats are in
-:mod:`albef_ray.data.sources`; :class:`IterableSource` wraps any other generator.
+:mod:`albef_ray.data.build.sources`; :class:`IterableSource` wraps any other generator.
 """
 
 from __future__ import annotations

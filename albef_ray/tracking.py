@@ -1,4 +1,6 @@
-"""MLflow tracking for pretraining runs: the driver opens the run, rank 0 logs into it.
+"""MLflow tracking shared by training, evaluation and sweeps: runs, metrics, tag names.
+
+The layer both the Ray launchers and the Ray-free evaluation import (no Ray here).
 
 The run is created by the driver before ``fit()`` and its id handed to the workers, so a
 worker group restarted by Ray (or a run resumed by name) keeps logging into the same run.
@@ -12,10 +14,15 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..config import AlbefConfig, dump_yaml, flatten
+from .config import AlbefConfig, dump_yaml, flatten
 
 log = logging.getLogger(__name__)
-RUN_ID_FILE = "mlflow_run_id.txt"
+RUN_ID_FILE = "mlflow_run_id.txt"  # in a run directory: the MLflow run it logs into
+
+# Tags that tie a sweep's runs together (written by the sweep launcher, read by ``compare``).
+PARENT_TAG = "mlflow.parentRunId"
+TAG_SWEEP, TAG_ROLE, TAG_VARIANT, TAG_VARIANTS, TAG_TRIAL = "sweep", "sweep_role", "variant", "sweep_variants", "trial"
+TAG_COLUMNS = "sweep_columns"  # parent-run tag: the sweep's table columns as JSON
 
 
 def resolve_tracking_uri(cfg: AlbefConfig, storage_dir: Path) -> str:
@@ -25,7 +32,7 @@ def resolve_tracking_uri(cfg: AlbefConfig, storage_dir: Path) -> str:
     return f"sqlite:///{(storage_dir / 'mlflow.db').resolve()}"
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -33,7 +40,7 @@ def _client(uri: str):
 
 def open_run(cfg: AlbefConfig, uri: str, run_dir: Path, run_name: str, tags: dict[str, str]) -> str:
     """Create the MLflow run (or reopen the one recorded in ``run_dir`` when resuming)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     marker = run_dir / RUN_ID_FILE
     if marker.exists():
         run_id = marker.read_text().strip()
@@ -70,7 +77,7 @@ class MetricLogger:
     """Rank 0's handle: ``log(metrics, step)`` into the run."""
 
     def __init__(self, uri: str, run_id: str, prefix: str = ""):
-        self.client = _client(uri)
+        self.client = mlflow_client(uri)
         self.run_id = run_id
         self.prefix = prefix  # tracking.metric_prefix
 
@@ -86,7 +93,7 @@ class MetricLogger:
 
 def close_run(uri: str, run_id: str, status: str, checkpoint_path: str | None, plot_dir: Path) -> None:
     """Log the loss-curve plot and the final checkpoint's location, then end the run."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     if checkpoint_path:
         client.set_tag(run_id, "final_checkpoint", checkpoint_path)
     try:

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from PIL import Image, ImageFile
 
 from .candidates import Candidate
-from .orientation import exif_orientation, oriented_size
+from ..orientation import exif_orientation, oriented_size
 
 Meta = TypeVar("Meta")
 

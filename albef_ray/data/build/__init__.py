@@ -1,0 +1,1 @@
+"""Offline dataset builder: candidates from sources, validation, Parquet shards and manifest."""
