@@ -47,6 +47,9 @@ class TaskSpec:
             ``Class(cfg, device, tracker)(task, step, run=True) -> metrics``; None: none.
         score: the metric (higher is better) by which Ray keeps the best checkpoints when
             the epoch evaluator runs; None: Ray keeps the latest.
+        synth: ``"module:function"`` writing the task's embedded version (``albef-ray data
+            synth-task NAME OUT``): ``function(out, settings: SynthTaskSettings) -> manifest``;
+            None: the task has none.
     """
 
     name: str
@@ -55,6 +58,7 @@ class TaskSpec:
     columns: tuple[tuple[str, str], ...]
     epoch_evaluator: str | None = None
     score: str | None = None
+    synth: str | None = None
 
     def task_class(self) -> type[nn.Module]:
         return _load(self.objective)
@@ -68,6 +72,13 @@ class TaskSpec:
     def make_epoch_evaluator(self, cfg: AlbefConfig, device=None, tracker=None):
         """The epoch-end evaluator, or None when the task has none or ``eval.every_epoch`` is off."""
         return _load(self.epoch_evaluator)(cfg, device, tracker) if self.evaluates_every_epoch(cfg) else None
+
+
+    def synth_builder(self) -> Callable[..., dict]:
+        if self.synth is None:
+            raise KeyError(f"task {self.name!r} has no embedded version; with one: "
+                           f"{', '.join(n for n, t in TASKS.items() if t.synth)}")
+        return _load(self.synth)
 
 
 _RECALLS = (("txt_r_mean", "TR"), ("img_r_mean", "IR"))  # the paper's Table 1: mean of R@1/5/10

@@ -1,4 +1,4 @@
-"""``albef-ray data build|synth|synth-init``: caption datasets as Parquet shards + manifest.
+"""``albef-ray data build|synth|synth-init|synth-task``: datasets as Parquet shards + manifest.
 
 Bad arguments and inputs (an unknown source format, an output holding another dataset, a
 missing file) exit 2 with one ``data error`` line; Ctrl-C or SIGTERM exits 130, and running the
@@ -121,6 +121,26 @@ def register(commands: argparse._SubParsersAction) -> None:
         init.add_argument(flag, dest=name, type=kind, default=default, metavar=metavar, help=f"{text} (default: {default})")
     init.set_defaults(func=_synth_init)
 
+    task = actions.add_parser(
+        "synth-task", help="generate a downstream task's embedded version (ve, nlvr, vqa, ...)",
+        description="Scenes drawn like `data synth`'s, with the registered task's examples (SNLI-VE "
+        "hypotheses, NLVR2 statements about two scenes, VQA questions with answers) following from the "
+        "scene's ground truth; written as a dataset with the task's columns and the caption dataset's "
+        "tokenizer.",
+    )
+    task.add_argument("task", metavar="TASK", help="a registered task with an embedded version")
+    task.add_argument("out", metavar="OUT", help="output dataset directory")
+    task.add_argument("--from", dest="tokenizer_from", required=True, metavar="DATASET",
+                      help="a dataset written by `albef-ray data synth` (its tokenizer is copied)")
+    for flag, name, default, text in (
+        ("--train", "train", 4000, "training examples"), ("--val", "val", 500, "validation examples"),
+        ("--test", "test", 1000, "test examples"), ("--image-size", "image_size", 64, "image size in pixels"),
+        ("--seed", "seed", 0, "generator seed"),
+    ):
+        task.add_argument(flag, dest=name, type=int, default=default, metavar="N", help=f"{text} (default: {default})")
+    _add_build_flags(task)
+    task.set_defaults(func=_synth_task)
+
 
 def _add_build_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset of other inputs in OUT")
@@ -198,6 +218,25 @@ def _synth(args: argparse.Namespace) -> int:
     with open(os.path.join(tokenizer, "vocab.txt"), encoding="utf-8") as handle:
         vocab = sum(1 for _ in handle)
     print(f"  tokenizer: {tokenizer} (WordPiece, {vocab} tokens; load with AutoTokenizer.from_pretrained)")
+    return 0
+
+
+@_data_errors
+def _synth_task(args: argparse.Namespace) -> int:
+    from ..synth.tasks import SynthTaskSettings
+    from ..tasks import get_task
+
+    try:
+        build = get_task(args.task).synth_builder()
+    except KeyError as err:
+        print(f"albef-ray: data error: {err.args[0]}", file=sys.stderr)
+        return 2
+    settings = SynthTaskSettings(
+        tokenizer_from=args.tokenizer_from, seed=args.seed, train=args.train, val=args.val, test=args.test,
+        image_size=args.image_size,
+    )
+    manifest = build(args.out, settings, progress=show_progress(args), overwrite=args.overwrite)
+    _report(args.out, manifest)
     return 0
 
 

@@ -10,6 +10,14 @@ The collated batch holds tensors only, so a Ray iterator can move it to the devi
     image_idx       int64   (B,)           only when the input has it: the image index of each
                                            row (equal for captions of one image; retrieval)
 
+Downstream-task columns, only when the input has them (:data:`~albef_ray.data.schema.TASK_FIELDS`)::
+
+    label           int64   (B,)           class index (SNLI-VE, NLVR2)
+    image2          float32 (B, 3, R, R)   NLVR2's second image, normalised
+    answer_ids      int64   (B, K, A)      VQA: each question's K answers (padded), [CLS] answer [SEP]
+    answer_mask     int64   (B, K, A)      0 on padding (a padded answer is all 0)
+    answer_weights  float32 (B, K)         each answer's weight; 0 for padded answers
+
 ``num_dropped`` adds up two sources: rows flagged ``valid == False`` in the input batch (removed
 here), and a ``num_dropped`` column already counted upstream (the Ray pipeline drops
 undecodable rows before batching so that training batches stay full; see
@@ -94,12 +102,14 @@ def collate_batch(
     images = batch["image"]
     captions = batch["caption"]
     image_idx = np.asarray(batch["image_idx"], dtype=np.int64) if "image_idx" in batch else None
+    task = {k: batch[k] for k in ("label", "image2", "answers", "answer_weights") if k in batch}
     dropped = int(np.asarray(batch["num_dropped"]).sum()) if "num_dropped" in batch else 0
     if "valid" in batch:
         valid = np.asarray(batch["valid"], dtype=bool)
         dropped += int((~valid).sum())
         images, captions = images[valid], np.asarray(captions, dtype=object)[valid]
         image_idx = None if image_idx is None else image_idx[valid]
+        task = {k: np.asarray(v)[valid] for k, v in task.items()}
     texts = [str(c) for c in captions]
     if max_words is not None:
         texts = [pre_caption(c, max_words) for c in texts]
@@ -112,7 +122,47 @@ def collate_batch(
     }
     if image_idx is not None:
         out["image_idx"] = torch.from_numpy(image_idx.copy())
+    if "label" in task:
+        out["label"] = torch.as_tensor(np.asarray(task["label"], dtype=np.int64))
+    if "image2" in task:
+        out["image2"] = _images_to_tensor(task["image2"])
+    if "answers" in task:
+        weights = task.get("answer_weights")
+        out.update(tokenize_answers(tokenizer, list(task["answers"]), None if weights is None else list(weights)))
     return out
+
+
+def tokenize_answers(
+    tokenizer, answers: Sequence[Sequence[str]], weights: Sequence[Sequence[float]] | None = None, max_len: int = 10
+) -> dict[str, torch.Tensor]:
+    """Each question's candidate answers as ``[CLS] answer [SEP]`` (the decoder's targets), padded.
+
+    Args:
+        answers: per question, its distinct answers (K_i of them).
+        weights: per question, one weight per answer; None: equal weights 1 / K_i.
+        max_len: token limit of an answer, [CLS] and [SEP] included.
+
+    Returns:
+        ``answer_ids``, ``answer_mask`` int64 (B, K, A) and ``answer_weights`` float32 (B, K),
+        K = max K_i, A = the longest answer; padded answers are all 0 with weight 0.
+    """
+    b = len(answers)
+    k = max((len(a) for a in answers), default=0)
+    flat = [str(x) for a in answers for x in a]
+    ids, mask = tokenize(tokenizer, flat, max_len, append_sep=True) if flat else (torch.zeros((0, 1), dtype=torch.int64),) * 2
+    width = ids.shape[1] if flat else 1
+    answer_ids = torch.zeros((b, max(k, 1), width), dtype=torch.int64)
+    answer_mask = torch.zeros_like(answer_ids)
+    answer_weights = torch.zeros((b, max(k, 1)), dtype=torch.float32)
+    at = 0
+    for i, row in enumerate(answers):
+        n = len(row)
+        answer_ids[i, :n] = ids[at:at + n]
+        answer_mask[i, :n] = mask[at:at + n]
+        given = None if weights is None else weights[i]
+        answer_weights[i, :n] = torch.tensor(list(given) if given is not None else [1.0 / max(n, 1)] * n, dtype=torch.float32)
+        at += n
+    return {"answer_ids": answer_ids, "answer_mask": answer_mask, "answer_weights": answer_weights}
 
 
 class CaptionCollator:

@@ -8,7 +8,8 @@ A dataset is a directory::
     <root>/tokenizer/               optional: a Hugging Face tokenizer directory (synthetic data)
     <root>/_build/                  only while a build is unfinished: per-shard progress records
 
-Each Parquet row is one image-caption pair (an image with several captions has several rows
+Each Parquet row is one image-caption pair (or, for a downstream task, one image-text example
+with the task's columns of :data:`TASK_FIELDS`) (an image with several captions has several rows
 sharing ``image_id``; retrieval ground truth groups by it). ``image_id`` is unique within a
 ``source``; ``(source, image_id)`` is unique within a dataset.
 
@@ -44,6 +45,32 @@ ROW_SCHEMA = pa.schema(
         pa.field("height", pa.int32(), nullable=False),
     ]
 )
+
+# Downstream-task datasets (SNLI-VE, NLVR2, VQA) are caption datasets with extra columns: the
+# text column ``caption`` holds the hypothesis / statement / question, and a row may carry
+TASK_FIELDS = {
+    "label": pa.int64(),  # class index (SNLI-VE: 0 entailment, 1 neutral, 2 contradiction; NLVR2: 1 true)
+    "question_id": pa.string(),  # VQA: the id a result file answers
+    "answers": pa.list_(pa.string()),  # VQA: distinct answers given by the annotators
+    "answer_weights": pa.list_(pa.float32()),  # VQA: each answer's weight (its share of the annotators)
+    "image2": pa.binary(),  # NLVR2: the second image's encoded bytes
+    "image_id2": pa.string(),  # NLVR2: the second image's id
+}
+TASK_TEXT_FIELDS = tuple(k for k in TASK_FIELDS if k not in ("image2", "image_id2"))  # per-text fields
+
+
+def row_schema(columns=()) -> pa.Schema:
+    """:data:`ROW_SCHEMA` plus the task columns named in ``columns`` (in :data:`TASK_FIELDS` order).
+
+    Raises:
+        ValueError: a column that is neither a caption column nor a task field.
+    """
+    unknown = sorted(set(columns) - set(TASK_FIELDS) - set(ROW_SCHEMA.names))
+    if unknown:
+        raise ValueError(f"unknown dataset columns {unknown}; task columns are {', '.join(TASK_FIELDS)}")
+    extra = [pa.field(name, kind, nullable=True) for name, kind in TASK_FIELDS.items() if name in columns]
+    return pa.schema(list(ROW_SCHEMA) + extra)
+
 
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"

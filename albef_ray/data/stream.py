@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .schema import image_indices
+from .schema import TASK_FIELDS, image_indices
 from .transforms import AugmentSpec, pre_caption, pretrain_image
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class EpochOrder:
         seed: ``cfg.seed``.
         block_rows: rows per read block (``data.map_batch_size``).
         window_blocks: blocks whose rows are permuted together.
+        task_columns: the files' downstream-task columns (:func:`task_columns_of`).
     """
 
     files: tuple[str, ...]
@@ -84,6 +85,7 @@ class EpochOrder:
     seed: int
     block_rows: int = 256
     window_blocks: int = 4
+    task_columns: tuple[str, ...] = ()  # downstream-task columns read with the rows (schema.TASK_FIELDS)
 
     def __post_init__(self):
         if len(self.files) != len(self.file_rows):
@@ -204,14 +206,21 @@ def read_rows(path: str, rows: np.ndarray, columns: Sequence[str] = READ_COLUMNS
 # ----------------------------------------------------------------------------- decoding
 
 
+def task_columns_of(path: str) -> tuple[str, ...]:
+    """The downstream-task columns (:data:`~albef_ray.data.schema.TASK_FIELDS`) a shard file has."""
+    names = set(_open_parquet(path).schema_arrow.names)
+    return tuple(c for c in TASK_FIELDS if c in names)
+
+
 def _read_window(order: EpochOrder, ids: np.ndarray) -> dict[str, list]:
     """The stored columns of global rows ``ids``, in that order (each file read once)."""
     file_of, row_of = order.locate(ids)
-    columns: dict[str, list] = {c: [None] * len(ids) for c in READ_COLUMNS}
+    wanted = READ_COLUMNS + list(order.task_columns)
+    columns: dict[str, list] = {c: [None] * len(ids) for c in wanted}
     for f in np.unique(file_of).tolist():
         where = np.flatnonzero(file_of == f)
-        table = read_rows(order.files[f], row_of[where], READ_COLUMNS).to_pydict()
-        for c in READ_COLUMNS:
+        table = read_rows(order.files[f], row_of[where], wanted).to_pydict()
+        for c in wanted:
             for k, value in zip(where.tolist(), table[c]):
                 columns[c][k] = value
     return columns
@@ -220,12 +229,15 @@ def _read_window(order: EpochOrder, ids: np.ndarray) -> dict[str, list]:
 def _decode_rows(columns: dict[str, list], ids: np.ndarray, first: int, seed: int, epoch: int, spec: AugmentSpec,
                  max_words: int, position: int) -> dict[str, np.ndarray]:
     # Rows first .. first + len(ids) of the window's (unskipped) order.
-    images, kept = [], []
+    images, images2, kept = [], [], []
+    two = "image2" in columns
     for k, row in enumerate(ids.tolist()):
         generator = torch.Generator().manual_seed(row_seed(seed, epoch, row))
         img = pretrain_image(columns["image"][first + k], spec, generator)
-        if img is not None:
+        img2 = pretrain_image(columns["image2"][first + k], spec, generator) if two and img is not None else None
+        if img is not None and (img2 is not None or not two):
             images.append(img)
+            images2.append(img2)
             kept.append(k)
     dropped = len(ids) - len(kept)
     if dropped and not kept:
@@ -235,7 +247,7 @@ def _decode_rows(columns: dict[str, list], ids: np.ndarray, first: int, seed: in
         num_dropped[0] = dropped
     res = spec.image_res
     column = {c: [columns[c][first + k] for k in kept] for c in ("caption", "image_id", "source")}
-    return {
+    out = {
         "image": torch.stack(images).numpy() if images else np.zeros((0, 3, res, res), np.uint8),
         "caption": np.array([pre_caption(str(c), max_words) for c in column["caption"]], dtype=object),
         "image_id": np.array([str(i) for i in column["image_id"]], dtype=object),
@@ -244,6 +256,31 @@ def _decode_rows(columns: dict[str, list], ids: np.ndarray, first: int, seed: in
         "row": ids[np.asarray(kept, dtype=np.int64)],
         "position": position + first + np.asarray(kept, dtype=np.int64),
     }
+    out.update(task_arrays(columns, [first + k for k in kept]))
+    if two:
+        out["image2"] = torch.stack(images2).numpy() if images2 else np.zeros((0, 3, res, res), np.uint8)
+    return out
+
+
+def task_arrays(columns: dict[str, list], rows: Sequence[int]) -> dict[str, np.ndarray]:
+    """The downstream-task columns (but ``image2``, decoded apart) of ``rows`` as numpy arrays.
+
+    ``label`` int64; ``question_id``, ``image_id2`` strings; ``answers`` and ``answer_weights``
+    object arrays holding one list per row.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name in TASK_FIELDS:
+        if name not in columns or name == "image2":
+            continue
+        values = [columns[name][k] for k in rows]
+        if name == "label":
+            out[name] = np.array([-1 if v is None else int(v) for v in values], dtype=np.int64)
+        elif name in ("answers", "answer_weights"):
+            out[name] = np.empty(len(values), dtype=object)
+            out[name][:] = [list(v or []) for v in values]
+        else:
+            out[name] = np.array(["" if v is None else str(v) for v in values], dtype=object)
+    return out
 
 
 def iter_window(
@@ -257,7 +294,9 @@ def iter_window(
     Yields:
         ``image`` uint8 (n, 3, R, R), ``caption`` (cleaned), ``image_id``, ``image_idx``,
         ``num_dropped`` (the chunk's count of undecodable rows, on its first kept row), ``row``
-        (global id) and ``position`` (worker-stream position) of the chunk's n decodable rows.
+        (global id) and ``position`` (worker-stream position) of the chunk's n decodable rows;
+        plus the order's task columns (:func:`task_arrays`; ``image2`` decoded like ``image``,
+        with the row's generator after it: a row with either image undecodable is dropped).
     """
     ids = order.window_order(epoch, window)
     columns = _read_window(order, ids)

@@ -35,7 +35,9 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ..config import AlbefConfig, ConfigError
 from ..data.collate import CaptionCollator, load_tokenizer
 from ..data.manifest import shard_files
-from ..data.stream import READ_COLUMNS, EpochOrder, Window, file_row_counts, iter_window, list_parquet
+from ..data.stream import (
+    READ_COLUMNS, EpochOrder, Window, file_row_counts, iter_window, list_parquet, task_columns_of,
+)
 from ..data.transforms import AugmentSpec, transform_batch
 
 
@@ -169,7 +171,7 @@ def build_stream(paths: list[str], split: str, cfg: AlbefConfig) -> ShardStream:
     block = cfg.data.map_batch_size
     order = EpochOrder(
         tuple(files), tuple(file_row_counts(files)), cfg.seed, block_rows=block,
-        window_blocks=max(1, -(-cfg.data.shuffle_buffer // block)),
+        window_blocks=max(1, -(-cfg.data.shuffle_buffer // block)), task_columns=task_columns_of(files[0]),
     )
     return ShardStream(order, AugmentSpec.from_config(cfg), cfg.data.max_words, StreamCollate.from_config(cfg))
 

@@ -32,8 +32,15 @@ Batch = Mapping[str, object]
 # fidelity checks fix masks and negatives with them).
 FORWARD_KEYS = ("mlm_input", "itm_negatives")
 # Optional per-row tensors split with the batch and handed to the task's forward
-# (``image_idx``: each pair's image index; both tasks keep captions of one image apart).
+# (``image_idx``: each pair's image index; pretraining and retrieval keep captions of one
+# image apart). A task module names its own in a ``batch_keys`` class attribute (e.g. SNLI-VE
+# ``("label",)``, NLVR2 ``("image2", "label")``); these are the default.
 ROW_KEYS = ("image_idx",)
+
+
+def batch_keys(task: nn.Module) -> tuple[str, ...]:
+    """The optional batch entries ``task``'s forward takes (its ``batch_keys``, else :data:`ROW_KEYS`)."""
+    return tuple(getattr(_unwrap(task), "batch_keys", ROW_KEYS))
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,7 @@ def train_step(
     momentum = getattr(_unwrap(task), "momentum", None)
     if momentum is not None:
         momentum.discard()  # keys of an interrupted step
+    row_keys = batch_keys(task)
     sums: dict[str, float] = {}
     loss_finite = True
     for i, mb in enumerate(micro):
@@ -156,7 +164,7 @@ def train_step(
             with autocast_context(cfg.train.precision, device):
                 out = task(
                     mb["image"], mb["input_ids"], mb["attention_mask"], alpha=alpha, generator=generator,
-                    **{k: mb[k] for k in FORWARD_KEYS + ROW_KEYS if k in mb}, **step_kwargs,
+                    **{k: mb[k] for k in FORWARD_KEYS + row_keys if k in mb}, **step_kwargs,
                 )
             (out["loss"] * weight).backward()
         scalars = {

@@ -25,9 +25,13 @@ class Candidate:
         source: name of the source it came from (the ``source`` column).
         input: where it came from, for the skip report (``file#row``, ``tar:key``, a path).
         image_id: id shared by the rows of this image; unique within the source.
-        captions: raw captions (``None`` or blank ones are skipped one by one).
+        captions: raw captions (``None`` or blank ones are skipped one by one); for a
+            downstream task, dicts ``{"text": ..., <task fields>}`` whose other keys are
+            columns of :data:`~albef_ray.data.schema.TASK_TEXT_FIELDS` (label, answers, ...).
         image: encoded image bytes, when the reader holds them.
         image_path: a file to read the bytes from (read by the validating process).
+        image2, image2_path, image_id2: NLVR2's second image, validated like the first (a bad
+            one skips the candidate).
         error: ``(reason, detail)`` when the reader already knows the input is unusable.
         position: index of this candidate in its source's order; a resumed read starts at the
             first position not yet written (positions may jump after an unreadable file).
@@ -41,12 +45,16 @@ class Candidate:
     image_path: str | None = None
     error: tuple[str, str] | None = None
     position: int = 0
+    image2: bytes | None = None
+    image2_path: str | None = None
+    image_id2: str | None = None
 
 
 class Source(ABC):
     """A named, ordered collection of candidates for one split."""
 
     format: ClassVar[str] = ""
+    options: ClassVar[tuple[str, ...]] = ()  # spec keys besides name, path, split
 
     def __init__(self, name: str, split: str = "train") -> None:
         if not name or "/" in name:

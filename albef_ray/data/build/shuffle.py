@@ -20,6 +20,7 @@ build finishes; reads of pass 2 are random within it (fine on SSDs and page cach
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zlib
@@ -29,8 +30,22 @@ from typing import Any
 
 import numpy as np
 
-# image bytes, caption bytes, image_id bytes, source bytes, width, height
-_HEADER = struct.Struct("<IIIIii")
+# image bytes, caption bytes, image_id bytes, source bytes, width, height, task fields (JSON)
+# bytes, second image bytes
+_HEADER = struct.Struct("<IIIIiiII")
+_BASE = ("image", "caption", "image_id", "source", "width", "height", "image2")
+
+
+def _task_fields(row: dict[str, Any]) -> bytes:
+    """A row's downstream-task fields but the second image (label, answers, ...) as JSON; b"" if none."""
+    fields = {k: v for k, v in row.items() if k not in _BASE}
+    return json.dumps(fields, sort_keys=True).encode() if fields else b""
+
+
+def row_size(row: dict[str, Any]) -> int:
+    """A row's bytes as the shard writer counts them toward ``shard_bytes``."""
+    texts = len(row["caption"]) + len(row["image_id"]) + len(row["source"])
+    return len(row["image"]) + texts + 8 + len(_task_fields(row)) + len(row.get("image2") or b"")
 
 
 def spill_path(progress_dir: Path, split: str) -> Path:
@@ -45,16 +60,20 @@ def append_rows(path: Path, rows: list[dict[str, Any]]) -> np.ndarray:
         bounds[0] = handle.tell()
         for i, row in enumerate(rows):
             texts = [row["caption"].encode(), row["image_id"].encode(), row["source"].encode()]
-            handle.write(_HEADER.pack(len(row["image"]), *map(len, texts), row["width"], row["height"]))
+            fields, image2 = _task_fields(row), row.get("image2") or b""
+            handle.write(_HEADER.pack(len(row["image"]), *map(len, texts), row["width"], row["height"],
+                                      len(fields), len(image2)))
             handle.write(row["image"])
             for text in texts:
                 handle.write(text)
+            handle.write(fields)
+            handle.write(image2)
             bounds[i + 1] = handle.tell()
     return bounds
 
 
 def _decode(record: bytes) -> dict[str, Any]:
-    n_image, n_caption, n_id, n_source, width, height = _HEADER.unpack_from(record)
+    n_image, n_caption, n_id, n_source, width, height, n_fields, n_image2 = _HEADER.unpack_from(record)
     at = _HEADER.size
     image = record[at : at + n_image]
     at += n_image
@@ -63,9 +82,16 @@ def _decode(record: bytes) -> dict[str, Any]:
     image_id = record[at : at + n_id].decode()
     at += n_id
     source = record[at : at + n_source].decode()
-    return {
+    at += n_source
+    row = {
         "image": image, "caption": caption, "image_id": image_id, "source": source, "width": width, "height": height
     }
+    if n_fields:
+        row.update(json.loads(record[at : at + n_fields]))
+    at += n_fields
+    if n_image2:
+        row["image2"] = record[at : at + n_image2]
+    return row
 
 
 def row_bytes(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

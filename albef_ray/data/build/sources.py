@@ -23,7 +23,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow.parquet as pq
 
@@ -55,6 +55,7 @@ class JsonSource(Source):
     """
 
     format = "json"
+    options: ClassVar[tuple[str, ...]] = ("image_root",)
 
     def __init__(self, name: str, path: Any, image_root: str | None = None, split: str = "train") -> None:
         super().__init__(name, split)
@@ -142,6 +143,7 @@ class Img2DatasetSource(Source):
     """
 
     format = "img2dataset"
+    options: ClassVar[tuple[str, ...]] = ("image_column", "caption_column", "id_column")
 
     def __init__(
         self,
@@ -314,6 +316,19 @@ def _short(err: BaseException) -> str:
 
 
 FORMATS: dict[str, type[Source]] = {s.format: s for s in (JsonSource, Img2DatasetSource, WebDatasetSource)}
+# Downstream tasks' annotation formats (SNLI-VE, NLVR2, VQA JSON): each module defines Source
+# classes with ``format`` and ``options`` and lists them in its ``SOURCES``.
+TASK_SOURCE_MODULES: tuple[str, ...] = ()
+
+
+def formats() -> dict[str, type[Source]]:
+    """Every readable format: the caption formats above and the task modules' sources."""
+    import importlib
+
+    found = dict(FORMATS)
+    for module in TASK_SOURCE_MODULES:
+        found.update({s.format: s for s in importlib.import_module(module).SOURCES})
+    return found
 
 
 def source_from_dict(spec: dict[str, Any]) -> Source:
@@ -327,19 +342,16 @@ def source_from_dict(spec: dict[str, Any]) -> Source:
         if key not in spec:
             raise ValueError(f"source spec {spec}: missing '{key}'")
     kind = spec.pop("format")
-    if kind not in FORMATS:
-        raise ValueError(f"source {spec['name']!r}: unknown format {kind!r}; known: {', '.join(FORMATS)}")
-    allowed = {
-        "json": {"name", "path", "split", "image_root"},
-        "img2dataset": {"name", "path", "split", "image_column", "caption_column", "id_column"},
-        "webdataset": {"name", "path", "split"},
-    }[kind]
+    known = formats()
+    if kind not in known:
+        raise ValueError(f"source {spec['name']!r}: unknown format {kind!r}; known: {', '.join(known)}")
+    allowed = {"name", "path", "split", *known[kind].options}
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise ValueError(
             f"source {spec['name']!r}: unknown key(s) {unknown} for format {kind}; allowed: {sorted(allowed)}"
         )
-    return FORMATS[kind](**spec)
+    return known[kind](**spec)
 
 
 def parse_source_spec(text: str) -> Source:

@@ -32,6 +32,7 @@ from PIL import Image, ImageFile
 
 from .candidates import Candidate
 from ..orientation import exif_orientation, oriented_size
+from ..schema import TASK_TEXT_FIELDS
 
 Meta = TypeVar("Meta")
 
@@ -115,59 +116,81 @@ def check_candidate(candidate: Candidate) -> Checked:
 
     if candidate.error is not None:
         return skip(*candidate.error)
-    data = candidate.image
-    if data is None and candidate.image_path is not None:
-        try:
-            with open(candidate.image_path, "rb") as handle:
-                data = handle.read()
-        except OSError as err:
-            return skip("missing_image", _short(err))
-        if not data:
-            return skip("empty_image", "0-byte file")
-    if data is None:
-        return skip("missing_image", "no image bytes")
-    if not data:
-        return skip("empty_image", "empty image bytes")
     try:
-        width, height = image_size(bytes(data))
+        data, (width, height) = _checked_image(candidate.image, candidate.image_path)
+        second = None
+        if candidate.image2 is not None or candidate.image2_path is not None:
+            second = _checked_image(candidate.image2, candidate.image2_path)[0]
     except ImageCheckError as err:
         return skip(err.reason, err.detail)
     if not candidate.captions:
         return skip("empty_caption", "no caption")
     several = len(candidate.captions) > 1
     for number, caption in enumerate(candidate.captions):
+        fields = {}
+        if isinstance(caption, dict):  # a downstream task's text with its fields
+            fields = {k: v for k, v in caption.items() if k != "text"}
+            unknown = sorted(set(fields) - set(TASK_TEXT_FIELDS))
+            if unknown:
+                raise ValueError(f"{candidate.input}: unknown task fields {unknown} (known: {', '.join(TASK_TEXT_FIELDS)})")
+            caption = caption.get("text")
         text = caption.strip() if isinstance(caption, str) else ("" if caption is None else str(caption).strip())
         if not text:
             skip("empty_caption", "caption is empty", f"{candidate.input}#caption{number}" if several else None)
             continue
-        out.rows.append(
-            {
-                "image": data,
-                "caption": text,
-                "image_id": candidate.image_id,
-                "source": candidate.source,
-                "width": width,
-                "height": height,
-            }
-        )
+        row = {
+            "image": data,
+            "caption": text,
+            "image_id": candidate.image_id,
+            "source": candidate.source,
+            "width": width,
+            "height": height,
+            **fields,
+        }
+        if second is not None:
+            row.update(image2=second, image_id2=candidate.image_id2 or "")
+        out.rows.append(row)
     return out
+
+
+def _checked_image(data: bytes | None, path: str | None) -> tuple[bytes, tuple[int, int]]:
+    """The image's bytes (read from ``path`` when not given) and its oriented size.
+
+    Raises:
+        ImageCheckError: missing, empty, unreadable or truncated.
+    """
+    if data is None and path is not None:
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as err:
+            raise ImageCheckError("missing_image", _short(err)) from None
+        if not data:
+            raise ImageCheckError("empty_image", "0-byte file")
+    if data is None:
+        raise ImageCheckError("missing_image", "no image bytes")
+    if not data:
+        raise ImageCheckError("empty_image", "empty image bytes")
+    return data, image_size(bytes(data))
 
 
 def _check_chunk(chunk: list[Candidate]) -> list[Checked]:
     """Runs in a worker: rows come back without the image bytes the parent already holds."""
     results = [check_candidate(c) for c in chunk]
     for candidate, checked in zip(chunk, results):
-        if candidate.image is not None:
-            for row in checked.rows:
-                row["image"] = None
+        for column, held in (("image", candidate.image), ("image2", candidate.image2)):
+            if held is not None:
+                for row in checked.rows:
+                    row[column] = None
     return results
 
 
 def _reattach(chunk: list[Candidate], results: list[Checked]) -> list[Checked]:
     for candidate, checked in zip(chunk, results):
-        if candidate.image is not None:
-            for row in checked.rows:
-                row["image"] = candidate.image
+        for column, held in (("image", candidate.image), ("image2", candidate.image2)):
+            if held is not None:
+                for row in checked.rows:
+                    row[column] = held
     return results
 
 

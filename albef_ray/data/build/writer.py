@@ -48,7 +48,7 @@ from ..manifest import Manifest, assemble_manifest
 from ..schema import (
     MANIFEST,
     PROGRESS_DIR,
-    ROW_SCHEMA,
+    row_schema,
     SCHEMA_VERSION,
     SKIPPED,
     shard_name,
@@ -83,7 +83,7 @@ class _Shard:
         self.rows += checked.rows
         self.skipped += checked.skipped
         for row in checked.rows:
-            self.bytes += len(row["image"]) + len(row["caption"]) + len(row["image_id"]) + len(row["source"]) + 8
+            self.bytes += shuffle.row_size(row)
             self.source_rows[row["source"]] += 1
         if checked.rows:
             self.images += 1
@@ -154,21 +154,15 @@ def write_shard(path: Path, rows: list[dict[str, Any]], row_group_rows: int = RO
 
     Image bytes are stored uncompressed (they already are compressed); the text columns use zstd.
     """
-    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    schema = row_schema(rows[0].keys() if rows else ())
+    table = pa.Table.from_pylist(rows, schema=schema)
     tmp = path.with_name(path.name + ".tmp")
-    text_columns = ["caption", "image_id", "source"]
+    text_columns = ["caption", "image_id", "source"] + [c for c in ("question_id", "image_id2") if c in schema.names]
     pq.write_table(
         table,
         tmp,
         row_group_size=row_group_rows,
-        compression={
-            "image": "NONE",
-            "caption": "ZSTD",
-            "image_id": "ZSTD",
-            "source": "ZSTD",
-            "width": "ZSTD",
-            "height": "ZSTD",
-        },
+        compression={name: "NONE" if name in ("image", "image2") else "ZSTD" for name in schema.names},
         use_dictionary=text_columns,
         write_statistics=text_columns + ["width", "height"],
     )
