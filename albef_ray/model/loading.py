@@ -115,12 +115,21 @@ def load_albef_checkpoint(target: nn.Module, path: str) -> LoadReport:
     A task is any module holding the online ALBEF as ``.model`` and its momentum encoder (or
     None) as ``.momentum``, as every task of :mod:`albef_ray.tasks` does; this layer names none.
     Without ``*_m`` keys (fine-tuned releases) the momentum encoder copies the online weights.
+    A task with keys of its own in the official layout (a classifier head, the VQA decoder,
+    NLVR2's doubled fusion layers) defines ``adapt_official_state(state) -> (rest, native)``:
+    it takes its keys out of the official state and returns them under native names.
+    An albef-ray checkpoint (``model.*``, ``momentum.*`` and the task's own native keys) loads as is.
     """
     state = read_albef_checkpoint(path)
-    if state and all(k.startswith(("model.", "momentum.")) for k in state):
+    if state and not any(_is_official(k) for k in state):
         native, unused = dict(state), []  # already albef-ray's own layout
     else:
+        task_native: dict[str, torch.Tensor] = {}
+        adapt = getattr(target, "adapt_official_state", None)
+        if adapt is not None:  # a task's own keys (heads, decoder, extra fusion layers) first
+            state, task_native = adapt(dict(state))
         native, unused = albef_to_native(state, _arch_of(target).text_layers)
+        native.update(task_native)
     report = LoadReport(path, unused=unused)
     if not isinstance(target, ALBEF):  # a task: online model + momentum encoder
         if target.momentum is None:
@@ -142,6 +151,14 @@ def load_albef_checkpoint(target: nn.Module, path: str) -> LoadReport:
     online = {k[len("model."):]: v for k, v in native.items() if k.startswith("model.")}
     report.unused += [k for k in native if not k.startswith("model.")]
     return load_native(target, online, report)
+
+
+_OFFICIAL_ROOTS = ("visual_encoder", "text_encoder", "vision_proj", "text_proj", "itm_head", "cls_head", "text_decoder")
+
+
+def _is_official(key: str) -> bool:
+    root = key.split(".", 1)[0]
+    return root.removesuffix("_m") in _OFFICIAL_ROOTS or root in ("temp", "image_queue", "text_queue", "queue_ptr", "idx_queue")
 
 
 def _arch_of(target: nn.Module):
