@@ -13,6 +13,8 @@ Subcommands::
     albef-ray eval retrieval --config F [--checkpoint P]  zero-shot image-text retrieval, Recall@1/5/10
     albef-ray finetune retrieval --config F [--checkpoint P] [--resume NAME]
                                                          fine-tune for retrieval on Ray Train, best by r_mean
+    albef-ray explain --checkpoint P IMAGE TEXT [--variant itm|itc] [--layer N] [--out PNG]
+                                                         Grad-CAM heat map of TEXT over IMAGE (PNG)
 
 Config problems exit with status 2 and one line naming the dotted path, never a traceback;
 so do bad data-build arguments (an unknown source format, an output holding another dataset).
@@ -35,10 +37,10 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..config import ConfigError
-from . import config, data, pretrain, retrieval, sweep
+from . import config, data, explain, pretrain, retrieval, sweep
 
 #: Modules whose ``register(commands)`` adds top-level commands, in ``--help`` order.
-COMMANDS = (config, pretrain, data, sweep)
+COMMANDS = (config, pretrain, data, sweep, explain)
 #: Modules whose ``register(finetune, evaluate)`` adds a task to ``finetune`` and ``eval``.
 TASKS = (retrieval,)
 
