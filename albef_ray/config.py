@@ -217,6 +217,93 @@ class EvalConfig(_Section):
     every_epoch: bool = Field(True, description="Fine-tuning: evaluate after every epoch, keep the best.")
 
 
+class NLVRConfig(_Section):
+    """NLVR2 (official ``configs/NLVR.yaml``, ``model_nlvr.py``) and its text-assignment pre-step
+    (``configs/NLVR_pretrain.yaml``, ``model_pretrain_nlvr.py``). Distillation uses ``mod.alpha``
+    ramped over ``mod.alpha_warmup_epochs`` (official: 0.4 over the first epoch)."""
+
+    distill: bool = Field(
+        True, description="Momentum distillation on the logits: EMA encoders and head give soft targets (official: on)."
+    )
+    ta_temp: float = Field(
+        0.07, gt=0, description="Text assignment: temperature of the image-image similarity the other images are drawn by."
+    )
+
+
+class VEConfig(_Section):
+    """SNLI-VE (official ``configs/VE.yaml``, ``model_ve.py``): a 3-way classifier on the fusion
+    [CLS]. Distillation uses ``mod.alpha`` ramped over ``mod.alpha_warmup_epochs`` (official:
+    0.4 from the first step, ``warm_up: False``). The pretraining switches (``itc``, ``itm``,
+    ``mlm``) do not apply to this task."""
+
+    distill: bool = Field(
+        True, description="Momentum distillation on the logits: EMA encoders and head give soft targets (official: on)."
+    )
+
+
+class GroundingConfig(_Section):
+    """Weakly-supervised visual grounding (official ``Grounding.py``, ``configs/Grounding.yaml``):
+    fine-tuned as retrieval is, on (image, referring expression) pairs, then evaluated by ranking
+    each expression's proposal boxes with a Grad-CAM heat map (:mod:`albef_ray.eval.grounding`)."""
+
+    variants: list[Literal["itm", "itc"]] = Field(
+        ["itm", "itc"], min_length=1,
+        description="Grad-CAM variants evaluated: itm (fusion cross-attention, ITM logit), itc (ViT [CLS] attention, ITC).",
+    )
+    score_variant: Literal["itm", "itc"] = Field(
+        "itm", description="Variant whose eval.split accuracy is grounding_acc, the best-checkpoint score (official: itm)."
+    )
+    itm_layer: int | None = Field(
+        None, description="Fusion layer (0-based) of ALBEF_itm; None: the paper's 3rd (official block_num 8), or the last-but-one of a shallower one."
+    )
+    itc_layer: int = Field(-1, description="ViT block (0-based, negative from the end) of ALBEF_itc (paper: the last).")
+    box_alpha: float = Field(
+        0.5, ge=0, description="A proposal scores sum(heat map inside it) / area**box_alpha (official alpha 0.5)."
+    )
+    iou_threshold: float = Field(0.5, gt=0, le=1, description="A pick is correct at IoU >= this with the referred box.")
+    splits: list[str] = Field(
+        ["val", "testA", "testB"], min_length=1, description="Splits `eval grounding` reports (RefCOCO+: val, testA, testB)."
+    )
+    max_refs: int | None = Field(None, ge=1, description="Evaluate only the first N expressions of a split (demos).")
+    heatmaps: int = Field(
+        4, ge=0, description="Expressions of eval.split whose Grad-CAM figures go to MLflow at each epoch evaluation."
+    )
+
+    @model_validator(mode="after")
+    def _check_score_variant(self) -> "GroundingConfig":
+        if self.score_variant not in self.variants:
+            raise _FieldError("grounding.score_variant", f"{self.score_variant!r} is not in grounding.variants {self.variants}")
+        return self
+
+
+class VQAConfig(_Section):
+    """VQA (official ``configs/VQA.yaml``, ``model_vqa.py``): an answer decoder on the fused
+    question states, trained on annotator-weighted answers; evaluated by ranking a fixed answer
+    list. Distillation uses ``mod.alpha`` ramped over ``mod.alpha_warmup_epochs`` (official: 0.4
+    over the first epoch). The pretraining switches (``itc``, ``itm``, ``mlm``) do not apply."""
+
+    distill: bool = Field(
+        True, description="Momentum distillation: EMA encoders and decoder give soft answer-token targets (official: on)."
+    )
+    k_test: int = Field(
+        128, ge=1, description="Answers scored in full per question: the k best by first-token probability (official 128)."
+    )
+    answer_list: str | None = Field(
+        None, description="JSON list of candidate answers (official answer_list.json); None: <eval dataset>/answer_list.json."
+    )
+    max_answer_len: int = Field(
+        10, ge=3, description="Token limit of a candidate answer, [CLS] and [SEP] included, when the answer list is tokenised."
+    )
+    accuracy: Literal["leave_one_out", "min3"] = Field(
+        "leave_one_out",
+        description="VQA accuracy: leave_one_out = official VQA eval (min(#humans/3, 1) averaged over the 10 choose 9 "
+        "annotator subsets); min3 = min(#humans/3, 1).",
+    )
+    annotators: int = Field(
+        10, ge=1, description="Human answers per question: an answer's count is round(weight x annotators) (VQA: 10)."
+    )
+
+
 class AlbefConfig(_Section):
     """Root of the config tree."""
 
@@ -239,6 +326,10 @@ class AlbefConfig(_Section):
     run: RunSettings = Field(default_factory=RunSettings)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    vqa: VQAConfig = Field(default_factory=VQAConfig)
+    ve: VEConfig = Field(default_factory=VEConfig)
+    nlvr: NLVRConfig = Field(default_factory=NLVRConfig)
+    grounding: GroundingConfig = Field(default_factory=GroundingConfig)
 
     @field_validator("task")
     @classmethod
@@ -258,13 +349,15 @@ class AlbefConfig(_Section):
             raise _FieldError("itm.hard_negatives", "hard negatives are sampled from ITC similarities: enable itc")
         if self.mod.itc and not self.itc.enabled and self.mod.alpha > 0:
             raise _FieldError("mod.itc", "momentum distillation of ITC needs itc.enabled")
-        if self.task == "retrieval":  # official model_retrieval.py: ITC + ITM, no MLM
+        if self.task in ("retrieval", "grounding"):  # official model_retrieval.py (Grounding.py too): ITC + ITM, no MLM
             if self.mlm.enabled:
-                raise _FieldError("mlm.enabled", "retrieval fine-tuning has no MLM: set mlm.enabled=false")
+                raise _FieldError("mlm.enabled", f"{self.task} fine-tuning has no MLM: set mlm.enabled=false")
             if not self.itc.enabled:
-                raise _FieldError("itc.enabled", "retrieval fine-tuning needs ITC (image-id-aware targets)")
+                raise _FieldError("itc.enabled", f"{self.task} fine-tuning needs ITC (image-id-aware targets)")
             if not self.itm.enabled:
-                raise _FieldError("itm.enabled", "retrieval fine-tuning needs ITM: evaluation re-ranks with its head")
+                raise _FieldError("itm.enabled", f"{self.task} fine-tuning needs ITM: evaluation re-ranks with its head")
+        if self.task == "nlvr_pretrain" and self.train.batch_size // self.optim.grad_accum < 2:
+            raise _FieldError("train.batch_size", "text assignment pairs each image with another of its micro-batch: need >= 2")
         if self.mod.mlm and not self.mlm.enabled and self.mod.alpha > 0:
             raise _FieldError("mod.mlm", "momentum distillation of MLM needs mlm.enabled")
         from .model.registry import list_sizes  # the registry is plain data; no torch import cost here

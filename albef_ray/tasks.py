@@ -94,6 +94,30 @@ TASKS: dict[str, TaskSpec] = {
             "retrieval", "albef_ray.objectives.retrieval:RetrievalTask", "albef_ray.eval.stage:retrieval_metrics",
             columns=_RECALLS, epoch_evaluator="albef_ray.eval.epoch:RetrievalEvaluator", score="r_mean",
         ),
+        TaskSpec(
+            "nlvr", "albef_ray.objectives.nlvr:NLVRTask", "albef_ray.eval.nlvr:nlvr_metrics",
+            columns=(("nlvr_acc", "NLVR2 acc"),), epoch_evaluator="albef_ray.eval.nlvr:NLVREvaluator",
+            score="nlvr_acc", synth="albef_ray.synth.nlvr:build_nlvr",
+        ),
+        TaskSpec(  # NLVR2's text-assignment pre-step on caption data; its checkpoint starts `nlvr`
+            "nlvr_pretrain", "albef_ray.objectives.nlvr:TextAssignmentTask", "albef_ray.eval.nlvr:ta_metrics",
+            columns=(("ta_acc", "TA acc"),),
+        ),
+        TaskSpec(
+            "ve", "albef_ray.objectives.ve:VETask", "albef_ray.eval.ve:ve_metrics",
+            columns=(("ve_acc", "SNLI-VE acc"),), epoch_evaluator="albef_ray.eval.ve:VEEvaluator", score="ve_acc",
+            synth="albef_ray.synth.ve:build_ve",
+        ),
+        TaskSpec(  # fine-tuned as retrieval; evaluated by Grad-CAM ranking of proposal boxes
+            "grounding", "albef_ray.objectives.grounding:GroundingTask", "albef_ray.eval.grounding:grounding_metrics",
+            columns=(("grounding_acc", "Grounding acc"),), epoch_evaluator="albef_ray.eval.grounding:GroundingEvaluator",
+            score="grounding_acc", synth="albef_ray.synth.grounding:build_grounding",
+        ),
+        TaskSpec(
+            "vqa", "albef_ray.objectives.vqa:VQATask", "albef_ray.eval.vqa:vqa_metrics",
+            columns=(("vqa_acc", "VQA acc"),), epoch_evaluator="albef_ray.eval.vqa:VQAEvaluator", score="vqa_acc",
+            synth="albef_ray.synth.vqa:build_vqa",
+        ),
     )
 }
 

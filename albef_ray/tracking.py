@@ -74,7 +74,7 @@ def open_run(cfg: AlbefConfig, uri: str, run_dir: Path, run_name: str, tags: dic
 
 
 class MetricLogger:
-    """Rank 0's handle: ``log(metrics, step)`` into the run."""
+    """Rank 0's handle: ``log(metrics, step)`` and ``log_artifact(path)`` into the run."""
 
     def __init__(self, uri: str, run_id: str, prefix: str = ""):
         self.client = mlflow_client(uri)
@@ -89,6 +89,10 @@ class MetricLogger:
         now = int(time.time() * 1000)
         batch = [Metric(self.prefix + k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Upload the file ``path`` into the run's artifacts (under ``artifact_path``, e.g. ``heatmaps/step_000100``)."""
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
 def close_run(uri: str, run_id: str, status: str, checkpoint_path: str | None, plot_dir: Path) -> None:

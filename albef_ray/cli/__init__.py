@@ -13,6 +13,19 @@ Subcommands::
     albef-ray eval retrieval --config F [--checkpoint P]  zero-shot image-text retrieval, Recall@1/5/10
     albef-ray finetune retrieval --config F [--checkpoint P] [--resume NAME]
                                                          fine-tune for retrieval on Ray Train, best by r_mean
+    albef-ray eval ve --config F [--checkpoint P]         SNLI-VE accuracy on eval.split
+    albef-ray finetune ve --config F [--checkpoint P] [--resume NAME]
+                                                         fine-tune for SNLI-VE on Ray Train, best by ve_acc
+    albef-ray finetune nlvr_pretrain --config F [--checkpoint P]  NLVR2 text assignment on caption data
+    albef-ray finetune nlvr --config F [--checkpoint P] [--resume NAME]
+                                                         fine-tune for NLVR2 on Ray Train, best by nlvr_acc
+    albef-ray eval nlvr --config F [--checkpoint P]       NLVR2 accuracy on eval.split
+    albef-ray finetune vqa --config F [--checkpoint P] [--resume NAME]
+                                                         fine-tune for VQA on Ray Train, best by vqa_acc
+    albef-ray eval vqa --config F [--checkpoint P] [--results FILE]  VQA answers (result file), accuracy
+    albef-ray finetune grounding --config F [--checkpoint P] [--resume NAME]
+                                                         fine-tune for grounding on Ray Train, best by grounding_acc
+    albef-ray eval grounding --config F [--checkpoint P] [--heatmaps DIR]  Grad-CAM box ranking accuracy per split
     albef-ray explain --checkpoint P IMAGE TEXT [--variant itm|itc] [--layer N] [--out PNG]
                                                          Grad-CAM heat map of TEXT over IMAGE (PNG)
 
@@ -38,11 +51,15 @@ from collections.abc import Sequence
 from .. import __version__
 from ..config import ConfigError
 from . import config, data, explain, pretrain, retrieval, sweep
+from . import nlvr
+from . import ve
+from . import vqa
+from . import grounding
 
 #: Modules whose ``register(commands)`` adds top-level commands, in ``--help`` order.
 COMMANDS = (config, pretrain, data, sweep, explain)
 #: Modules whose ``register(finetune, evaluate)`` adds a task to ``finetune`` and ``eval``.
-TASKS = (retrieval,)
+TASKS = (retrieval, ve, nlvr, vqa, grounding)
 
 
 def build_parser() -> argparse.ArgumentParser:

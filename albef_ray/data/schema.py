@@ -46,15 +46,18 @@ ROW_SCHEMA = pa.schema(
     ]
 )
 
-# Downstream-task datasets (SNLI-VE, NLVR2, VQA) are caption datasets with extra columns: the
+# Downstream-task datasets (SNLI-VE, NLVR2, VQA, grounding) are caption datasets with extra columns: the
 # text column ``caption`` holds the hypothesis / statement / question, and a row may carry
 TASK_FIELDS = {
-    "label": pa.int64(),  # class index (SNLI-VE: 0 entailment, 1 neutral, 2 contradiction; NLVR2: 1 true)
+    "label": pa.int64(),  # class index (SNLI-VE: 0 contradiction, 1 neutral, 2 entailment, as the official ve_dataset.py; NLVR2: 1 true)
     "question_id": pa.string(),  # VQA: the id a result file answers
     "answers": pa.list_(pa.string()),  # VQA: distinct answers given by the annotators
     "answer_weights": pa.list_(pa.float32()),  # VQA: each answer's weight (its share of the annotators)
     "image2": pa.binary(),  # NLVR2: the second image's encoded bytes
     "image_id2": pa.string(),  # NLVR2: the second image's id
+    "box": pa.list_(pa.float32()),  # grounding: the referred object's box [x, y, w, h] in image pixels
+    "proposals": pa.list_(pa.list_(pa.float32())),  # grounding: candidate boxes [x, y, w, h] to choose from
+    "ref_id": pa.string(),  # grounding: the referring expression's id (RefCOCO+ ref_id)
 }
 TASK_TEXT_FIELDS = tuple(k for k in TASK_FIELDS if k not in ("image2", "image_id2"))  # per-text fields
 

@@ -265,9 +265,11 @@ def _decode_rows(columns: dict[str, list], ids: np.ndarray, first: int, seed: in
 def task_arrays(columns: dict[str, list], rows: Sequence[int]) -> dict[str, np.ndarray]:
     """The downstream-task columns (but ``image2``, decoded apart) of ``rows`` as numpy arrays.
 
-    ``label`` int64; ``question_id``, ``image_id2`` strings; ``answers`` and ``answer_weights``
-    object arrays holding one list per row.
+    ``label`` int64; ``question_id``, ``image_id2``, ``ref_id`` strings; list columns
+    (``answers``, ``answer_weights``, ``box``, ``proposals``) object arrays holding one list per row.
     """
+    import pyarrow as pa
+
     out: dict[str, np.ndarray] = {}
     for name in TASK_FIELDS:
         if name not in columns or name == "image2":
@@ -275,7 +277,7 @@ def task_arrays(columns: dict[str, list], rows: Sequence[int]) -> dict[str, np.n
         values = [columns[name][k] for k in rows]
         if name == "label":
             out[name] = np.array([-1 if v is None else int(v) for v in values], dtype=np.int64)
-        elif name in ("answers", "answer_weights"):
+        elif pa.types.is_list(TASK_FIELDS[name]):
             out[name] = np.empty(len(values), dtype=object)
             out[name][:] = [list(v or []) for v in values]
         else:

@@ -71,13 +71,16 @@ def _check_index(layer: int, count: int, what: str) -> int:
 def _explicit_cross_attention(record: AttentionRecord):
     """CrossAttention.forward with the probabilities formed explicitly and recorded."""
 
-    def forward(self: CrossAttention, x, context, context_index):
+    def forward(self: CrossAttention, x, context, context_index, context_mask=None):
         kv = self.kv(context)  # (M, L, 2C)
         if context_index is not None:
             kv = kv.index_select(0, context_index)  # (B, L, 2C)
+            context_mask = None if context_mask is None else context_mask.index_select(0, context_index)
         k, v = (_split_heads(t, self.heads) for t in kv.chunk(2, dim=-1))  # (B, h, L, d)
         q = _split_heads(self.q(x), self.heads)  # (B, h, T, d)
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, h, T, L)
+        if context_mask is not None:  # a text context's padding (the VQA decoder); image tokens have none
+            scores = scores.masked_fill(~context_mask.bool()[:, None, None, :], float("-inf"))
         attn = record.keep(scores.softmax(dim=-1))
         p = self.dropout if self.training else 0.0
         y = F.dropout(attn, p, self.training) @ v  # (B, h, T, d)

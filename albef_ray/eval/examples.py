@@ -37,12 +37,16 @@ class ExampleBatch:
         question_id: each row's ``question_id`` (VQA), else its row number in the split.
         text: each row's cleaned text (question, hypothesis or statement).
         answers: VQA: each row's answers with their weights, else empty lists.
+        columns: each kept row's stored values by column as read (``image`` bytes, ``width``,
+            ``height``, the task columns), for evaluations that need more than tensors
+            (grounding: boxes in the original image's pixels).
     """
 
     tensors: dict[str, torch.Tensor]
     question_id: list[str]
     text: list[str]
     answers: list[list[tuple[str, float]]] = field(default_factory=list)
+    columns: dict[str, list] = field(default_factory=dict)
 
 
 def _datasets(paths: list[str], split: str) -> list[pads.Dataset]:
@@ -82,7 +86,7 @@ def iter_examples(
     seen = 0
     for ds in _datasets(paths, split):
         names = ds.schema.names
-        columns = ["image", "caption"] + [c for c in TASK_FIELDS if c in names]
+        columns = ["image", "caption"] + [c for c in ("width", "height", *TASK_FIELDS) if c in names]
         for record in ds.to_batches(columns=columns, batch_size=size):
             if max_rows is not None and seen >= max_rows:
                 return
@@ -117,4 +121,5 @@ def _batch(table: dict[str, list], rows: range, res: int, cfg: AlbefConfig, toke
             given = list(table["answers"][k] or [])
             weights = list(table.get("answer_weights", [None] * n)[k] or [1.0 / max(len(given), 1)] * len(given))
             answers.append(list(zip(given, weights)))
-    return ExampleBatch(tensors, ids, [str(batch["caption"][k]) for k in keep], answers)
+    columns = {c: [values[k] for k in keep] for c, values in table.items() if c != "caption"}
+    return ExampleBatch(tensors, ids, [str(batch["caption"][k]) for k in keep], answers, columns)

@@ -29,6 +29,9 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # native keys the source did not provide
     unused: list[str] = field(default_factory=list)  # source keys with no native place
     notes: list[str] = field(default_factory=list)  # resizes, skipped queues, ...
+    # Every target key the load left unset, in or out of scope (after the modules' own load
+    # hooks, e.g. NLVR2's doubling of single-image fusion layers).
+    unloaded: list[str] = field(default_factory=list, repr=False)
 
     def __str__(self) -> str:
         def short(keys: list[str]) -> str:
@@ -66,6 +69,7 @@ def load_native(module: nn.Module, state: dict[str, torch.Tensor], report: LoadR
     report.loaded = [k for k in state if k in target]
     report.unused += list(result.unexpected_keys)
     report.missing = [k for k in result.missing_keys if k.startswith(scope)]
+    report.unloaded = list(result.missing_keys)
     return report
 
 
@@ -143,7 +147,7 @@ def load_albef_checkpoint(target: nn.Module, path: str) -> LoadReport:
                 report.notes.append("no momentum weights in checkpoint: momentum encoder copied from online")
             report.missing += [
                 f"momentum.{k}" for k in target.momentum.state_dict()
-                if f"momentum.{k}" not in native and not (copied and k.startswith("model.")) and k != "index_queue"
+                if f"momentum.{k}" in report.unloaded and not (copied and k.startswith("model.")) and k != "index_queue"
             ]
             if target.momentum.index_queue is not None and "momentum.index_queue" not in native:
                 report.notes.append("no image index queue in checkpoint: queued keys belong to no known image (-1)")

@@ -75,16 +75,26 @@ class CrossAttention(nn.Module):
         self.norm = nn.LayerNorm(width, eps=eps)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_index: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        context_index: torch.Tensor | None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``context_mask`` (M, L) 1/0: padding of a text context (the VQA decoder attends to the
+        question's fused states); None: every context token is valid (image tokens)."""
         # Key/value are projected once per distinct image and gathered per text row, so the
         # ITM positive/negative and MLM passes share one projection of each image (exact).
         kv = self.kv(context)  # (M, L, 2C)
+        mask = None if context_mask is None else _key_mask(context_mask)  # (M, 1, 1, L)
         if context_index is not None:
             kv = kv.index_select(0, context_index)  # (B, L, 2C)
+            mask = None if mask is None else mask.index_select(0, context_index)  # (B, 1, 1, L)
         k, v = (_split_heads(t, self.heads) for t in kv.chunk(2, dim=-1))
         q = _split_heads(self.q(x), self.heads)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # every image token is valid
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.norm(x + F.dropout(self.out(_merge_heads(y)), p, self.training))
 
 
@@ -101,23 +111,39 @@ class FeedForward(nn.Module):
 
 
 class BertLayer(nn.Module):
-    def __init__(self, arch: AlbefArch, dropout: float, cross: bool):
+    """Self-attention, optional cross-attention (to image tokens unless ``context_width`` says
+    otherwise: the VQA decoder's context is text states), feed-forward. A ``key_mask`` of shape
+    (B, 1, T, T) instead of (B, 1, 1, T) gives causal self-attention (see :func:`causal_key_mask`)."""
+
+    def __init__(self, arch: AlbefArch, dropout: float, cross: bool, context_width: int | None = None):
         super().__init__()
         c, eps = arch.text_width, arch.layer_norm_eps
+        width = arch.vision_width if context_width is None else context_width
         self.self_attn = SelfAttention(c, arch.text_heads, eps, dropout)
-        self.cross_attn = CrossAttention(c, arch.vision_width, arch.text_heads, eps, dropout) if cross else None
+        self.cross_attn = CrossAttention(c, width, arch.text_heads, eps, dropout) if cross else None
         self.ffn = FeedForward(c, arch.text_intermediate, eps, dropout)
 
-    def forward(self, x, key_mask, context=None, context_index=None):
+    def forward(self, x, key_mask, context=None, context_index=None, context_mask=None):
         x = self.self_attn(x, key_mask)
         if self.cross_attn is not None:
-            x = self.cross_attn(x, context, context_index)
+            x = self.cross_attn(x, context, context_index, context_mask)
         return self.ffn(x)
 
 
 def _key_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) 1/0 padding mask -> (B, 1, 1, T) boolean "may attend" mask for SDPA."""
     return attention_mask.bool()[:, None, None, :]
+
+
+def causal_key_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1/0 padding mask -> (B, 1, T, T): token t may attend to valid tokens <= t.
+
+    A decoder's self-attention mask (BERT's ``is_decoder``: causal AND padding). A row whose
+    first token is padding would attend to nothing; callers pass sequences starting with [CLS].
+    """
+    t = attention_mask.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()  # (T, T)
+    return causal[None, None] & _key_mask(attention_mask)  # (B, 1, T, T)
 
 
 class TextEncoder(nn.Module):

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,14 @@ def _stop_head(port: int) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
             except OSError:
                 pass
+    # `ray start` recorded this head as the machine's current cluster; left behind, it makes every
+    # later plain `ray.init()` (e.g. `albef-ray pretrain`) wait for a head that is gone.
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        if current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
+    except OSError:
+        pass
 
 
 def _submit(cmd, env, attempts: int = 10):

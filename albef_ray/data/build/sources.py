@@ -318,7 +318,8 @@ def _short(err: BaseException) -> str:
 FORMATS: dict[str, type[Source]] = {s.format: s for s in (JsonSource, Img2DatasetSource, WebDatasetSource)}
 # Downstream tasks' annotation formats (SNLI-VE, NLVR2, VQA JSON): each module defines Source
 # classes with ``format`` and ``options`` and lists them in its ``SOURCES``.
-TASK_SOURCE_MODULES: tuple[str, ...] = ()
+TASK_SOURCE_MODULES: tuple[str, ...] = ("albef_ray.data.build.ve", "albef_ray.data.build.vqa", "albef_ray.data.build.nlvr",
+                                         "albef_ray.data.build.grounding")
 
 
 def formats() -> dict[str, type[Source]]:
