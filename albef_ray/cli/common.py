@@ -12,7 +12,7 @@ import argparse
 import contextlib
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..config import AlbefConfig, load_config, with_overrides
 
@@ -60,6 +60,75 @@ def load(args: argparse.Namespace) -> AlbefConfig:
     cfg = load_config(args.config, args.overrides)
     resume = getattr(args, "resume", None)  # only training commands have --resume
     return with_overrides(cfg, {"run.name": resume}) if resume else cfg
+
+
+def finetune_task(
+    args: argparse.Namespace,
+    task: str,
+    describe: Callable[[AlbefConfig], str] | None = None,
+    report: Callable[[AlbefConfig, dict[str, float]], str] | None = None,
+) -> int:
+    """The body of ``albef-ray finetune TASK``: config, ``--checkpoint``, run line, fine-tuning, best metrics.
+
+    ``--checkpoint`` (resolved to a checkpoint file) becomes ``model.checkpoint``; one that
+    cannot be resolved is a ``finetune error`` (exit 2) before Ray starts.
+
+    Args:
+        args: Parsed arguments of the ``finetune TASK`` parser (``--config``, overrides,
+            ``--checkpoint``, ``--resume``).
+        task: The registered task name handed to :func:`~albef_ray.launch.finetune.run_finetune`.
+        describe: The task's own part of the run line (e.g. ``" | distill True"``), put before
+            ``" | evaluated on ..."``; None adds nothing.
+        report: The line(s) printed for the best checkpoint's metrics; None prints nothing.
+
+    Returns:
+        The exit code: 0, or 2 for an unresolvable ``--checkpoint``.
+    """
+    cfg = load(args)  # a bad config is named before Ray or torch is imported
+    from ..eval.checkpoint import resolve_checkpoint
+    from ..launch.finetune import run_finetune
+    from ..model.registry import get_arch
+
+    if args.checkpoint:
+        try:
+            checkpoint = str(resolve_checkpoint(args.checkpoint))
+        except OSError as err:
+            print(f"albef-ray: finetune error: {err}", file=sys.stderr)
+            return 2
+        cfg = with_overrides(cfg, {"model.checkpoint": checkpoint})
+    res = get_arch(cfg.model.size, cfg.model.image_res).image_res
+    print(
+        f"albef-ray finetune {task}: {cfg.model.size} @ {res}px from {cfg.model.checkpoint or 'the initial weights'}"
+        f" | {cfg.train.num_workers} worker(s) x batch {cfg.train.batch_size} | {cfg.train.epochs} epochs"
+        f"{describe(cfg) if describe else ''}"
+        f" | evaluated on {cfg.eval.split} {'every epoch' if cfg.eval.every_epoch else 'never (eval.every_epoch=false)'}"
+    )
+    _, best = run_finetune(cfg, task)
+    if best is not None and report is not None:
+        print(report(cfg, best[1]))
+    return 0
+
+
+def eval_inputs(cfg: AlbefConfig, checkpoint: str | None) -> AlbefConfig:
+    """The part of ``cfg`` that an ``eval TASK`` reads: its shards only, no initial weights under a checkpoint.
+
+    What :func:`~albef_ray.launch.common.check_local_paths` should check before any model or
+    tokenizer loads.
+
+    Args:
+        cfg: The command's config.
+        checkpoint: The ``--checkpoint`` argument, or None.
+
+    Raises:
+        ConfigError: Neither ``eval.shards`` nor ``data.shards`` names anything.
+    """
+    from ..eval.checkpoint import eval_paths
+
+    eval_paths(cfg)  # eval.shards or data.shards must name something
+    data = cfg.data.model_copy(update={"shards": [] if cfg.eval.shards else cfg.data.shards})
+    unused = {"vit_init": None, "bert_init": None} if checkpoint or cfg.model.checkpoint else {}
+    model = cfg.model.model_copy(update={**unused, **({"checkpoint": None} if checkpoint else {})})
+    return cfg.model_copy(update={"data": data, "model": model})
 
 
 def show_progress(args: argparse.Namespace) -> bool:

@@ -7,8 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import with_overrides
-from .common import add_config_args, add_resume_arg, load
+from .common import add_config_args, add_resume_arg, eval_inputs, finetune_task, load
 
 CHECKPOINT_HELP = (
     "an albef-ray checkpoint directory (state.pt), a run directory (its latest checkpoint_*) or a .pth file "
@@ -75,28 +74,9 @@ def accuracy_table(results: dict[str, dict[str, float]], variants) -> str:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    cfg = load(args)  # a bad config is named before Ray or torch is imported
-    from ..eval.checkpoint import resolve_checkpoint
-    from ..launch.finetune import run_finetune
-    from ..model.registry import get_arch
-
-    if args.checkpoint:
-        try:
-            checkpoint = str(resolve_checkpoint(args.checkpoint))
-        except OSError as err:
-            print(f"albef-ray: finetune error: {err}", file=sys.stderr)
-            return 2
-        cfg = with_overrides(cfg, {"model.checkpoint": checkpoint})
-    res = get_arch(cfg.model.size, cfg.model.image_res).image_res
-    print(
-        f"albef-ray finetune grounding: {cfg.model.size} @ {res}px from {cfg.model.checkpoint or 'the initial weights'}"
-        f" | {cfg.train.num_workers} worker(s) x batch {cfg.train.batch_size} | {cfg.train.epochs} epochs"
-        f" | evaluated on {cfg.eval.split} {'every epoch' if cfg.eval.every_epoch else 'never (eval.every_epoch=false)'}"
+    return finetune_task(
+        args, "grounding", report=lambda cfg, best: accuracy_table({cfg.eval.split: best}, cfg.grounding.variants),
     )
-    _, best = run_finetune(cfg, "grounding")
-    if best is not None:
-        print(accuracy_table({cfg.eval.split: best[1]}, cfg.grounding.variants))
-    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -108,10 +88,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..launch.common import check_local_paths
     from ..model.loading import CheckpointError
     from ..precision import resolve_device
-    from .retrieval import _eval_inputs
 
     # The config `eval` reads (its shards; no initial weights under a checkpoint), before any model loads.
-    check_local_paths(_eval_inputs(cfg, args.checkpoint))
+    check_local_paths(eval_inputs(cfg, args.checkpoint))
     checkpoint = args.checkpoint or cfg.model.checkpoint
     device = resolve_device(cfg)
     try:

@@ -7,8 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import AlbefConfig, with_overrides
-from .common import add_config_args, add_resume_arg, load
+from .common import add_config_args, add_resume_arg, eval_inputs, finetune_task, load
 
 
 def register(finetune: argparse._SubParsersAction, evaluate: argparse._SubParsersAction) -> None:
@@ -63,40 +62,9 @@ def accuracy_line(metrics: dict[str, float]) -> str:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    cfg = load(args)  # a bad config is named before Ray or torch is imported
-    from ..eval.checkpoint import resolve_checkpoint
-    from ..launch.finetune import run_finetune
-    from ..model.registry import get_arch
-
-    if args.checkpoint:
-        try:
-            checkpoint = str(resolve_checkpoint(args.checkpoint))
-        except OSError as err:
-            print(f"albef-ray: finetune error: {err}", file=sys.stderr)
-            return 2
-        cfg = with_overrides(cfg, {"model.checkpoint": checkpoint})
-    res = get_arch(cfg.model.size, cfg.model.image_res).image_res
-    print(
-        f"albef-ray finetune ve: {cfg.model.size} @ {res}px from {cfg.model.checkpoint or 'the initial weights'}"
-        f" | {cfg.train.num_workers} worker(s) x batch {cfg.train.batch_size} | {cfg.train.epochs} epochs"
-        f" | distill {cfg.ve.distill} | evaluated on {cfg.eval.split} "
-        f"{'every epoch' if cfg.eval.every_epoch else 'never (eval.every_epoch=false)'}"
+    return finetune_task(
+        args, "ve", describe=lambda cfg: f" | distill {cfg.ve.distill}", report=lambda cfg, best: accuracy_line(best),
     )
-    _, best = run_finetune(cfg, "ve")
-    if best is not None:
-        print(accuracy_line(best[1]))
-    return 0
-
-
-def _eval_inputs(cfg: AlbefConfig, checkpoint: str | None) -> AlbefConfig:
-    """The part of ``cfg`` that `eval ve` reads: its shards only, no initial weights under a checkpoint."""
-    from ..eval.checkpoint import eval_paths
-
-    eval_paths(cfg)  # eval.shards or data.shards must name something
-    data = cfg.data.model_copy(update={"shards": [] if cfg.eval.shards else cfg.data.shards})
-    unused = {"vit_init": None, "bert_init": None} if checkpoint or cfg.model.checkpoint else {}
-    model = cfg.model.model_copy(update={**unused, **({"checkpoint": None} if checkpoint else {})})
-    return cfg.model_copy(update={"data": data, "model": model})
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -106,7 +74,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..launch.common import check_local_paths
     from ..model.loading import CheckpointError
 
-    check_local_paths(_eval_inputs(cfg, args.checkpoint))  # before any model or tokenizer loads
+    check_local_paths(eval_inputs(cfg, args.checkpoint))  # before any model or tokenizer loads
     checkpoint = args.checkpoint or cfg.model.checkpoint
     try:
         weights = resolve_checkpoint(checkpoint) if checkpoint else None

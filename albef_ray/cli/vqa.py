@@ -8,8 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..config import with_overrides
-from .common import add_config_args, add_resume_arg, load
+from .common import add_config_args, add_resume_arg, finetune_task, load
 
 CHECKPOINT_HELP = (
     "an albef-ray checkpoint directory, a run directory (its latest checkpoint) or a .pth file "
@@ -53,28 +52,10 @@ def register(finetune: argparse._SubParsersAction, evaluate: argparse._SubParser
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    cfg = load(args)  # a bad config is named before Ray or torch is imported
-    from ..eval.checkpoint import resolve_checkpoint
-    from ..launch.finetune import run_finetune
-    from ..model.registry import get_arch
-
-    if args.checkpoint:
-        try:
-            cfg = with_overrides(cfg, {"model.checkpoint": str(resolve_checkpoint(args.checkpoint))})
-        except OSError as err:
-            print(f"albef-ray: finetune error: {err}", file=sys.stderr)
-            return 2
-    res = get_arch(cfg.model.size, cfg.model.image_res).image_res
-    print(
-        f"albef-ray finetune vqa: {cfg.model.size} @ {res}px from {cfg.model.checkpoint or 'the initial weights'}"
-        f" | {cfg.train.num_workers} worker(s) x batch {cfg.train.batch_size} | {cfg.train.epochs} epochs"
-        f" | distill {cfg.vqa.distill} | evaluated on {cfg.eval.split} "
-        f"{'every epoch' if cfg.eval.every_epoch else 'never (eval.every_epoch=false)'}"
+    return finetune_task(
+        args, "vqa", describe=lambda cfg: f" | distill {cfg.vqa.distill}",
+        report=lambda cfg, best: f"best vqa_acc {best['vqa_acc']:.2f}",
     )
-    _, best = run_finetune(cfg, "vqa")
-    if best is not None:
-        print(f"best vqa_acc {best[1]['vqa_acc']:.2f}")
-    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:

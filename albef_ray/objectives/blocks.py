@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from ..config import AlbefConfig
 from ..model.albef import ALBEF
@@ -306,6 +307,35 @@ def finish_queue(
     if index is None and mom.index_queue is not None:
         index = torch.full((keys.image_feat.shape[0],), -1, dtype=torch.long, device=keys.image_feat.device)
     (mom.enqueue if enqueue else mom.keep)(keys.image_feat, keys.text_feat, index=index)
+
+
+@torch.no_grad()
+def ema_module(copy: nn.Module, online: nn.Module, momentum: float) -> None:
+    """p_m <- m * p_m + (1 - m) * p over the parameters of a task's extra momentum module.
+
+    The same update :meth:`~albef_ray.model.momentum.MomentumEncoder.update` applies to the
+    encoders, for a module outside them (a head, a decoder) and its EMA copy; a task calls it
+    at the moment of the encoders' EMA.
+
+    Args:
+        copy: the momentum copy (parameters updated in place).
+        online: the online module, with the same parameters in the same order.
+        momentum: m (``cfg.momentum.momentum``).
+    """
+    copies = list(copy.parameters())
+    torch._foreach_mul_(copies, momentum)
+    torch._foreach_add_(copies, [p.detach() for p in online.parameters()], alpha=1.0 - momentum)
+
+
+def distill_mix(hard: torch.Tensor, soft: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``(1 - alpha) * hard + alpha * soft``: a loss mixed with its momentum-distillation term.
+
+    Args:
+        hard: the loss against the ground truth.
+        soft: the same loss against the momentum model's soft targets (same shape).
+        alpha: this step's MoD weight.
+    """
+    return (1 - alpha) * hard + alpha * soft
 
 
 def loss_weights(cfg: AlbefConfig) -> dict[str, float]:

@@ -29,7 +29,8 @@ from torch import nn
 from ..config import AlbefConfig
 from ..model.albef import ALBEF
 from ..model.momentum import MomentumEncoder
-from .blocks import momentum_forward
+from .blocks import distill_mix, ema_module, momentum_forward
+from .itc import soft_cross_entropy
 from .mlm import SpecialTokens
 
 NUM_CLASSES = 3  # contradiction, neutral, entailment: the official cls_head's output rows
@@ -66,8 +67,7 @@ def ve_loss(
     ce = F.cross_entropy(logits, label)
     if momentum_logits is None or alpha == 0:
         return ce
-    soft = -(F.softmax(momentum_logits.float(), dim=1) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    return (1 - alpha) * ce + alpha * soft
+    return distill_mix(ce, soft_cross_entropy(logits, F.softmax(momentum_logits.float(), dim=1)), alpha)
 
 
 class VETask(nn.Module):
@@ -106,14 +106,6 @@ class VETask(nn.Module):
         """Online class logits (B, 3) of (image, hypothesis) pairs."""
         return _logits(self.model, self.head, image, input_ids, attention_mask)
 
-    @torch.no_grad()
-    def _update_momentum_head(self) -> None:
-        online = [p.detach() for p in self.head.parameters()]
-        copies = list(self.momentum_head.parameters())
-        m = self.momentum.momentum
-        torch._foreach_mul_(copies, m)
-        torch._foreach_add_(copies, online, alpha=1.0 - m)
-
     def forward(
         self,
         image: torch.Tensor,
@@ -148,7 +140,7 @@ class VETask(nn.Module):
         momentum_logits = None
         if self.momentum is not None and self.training:
             if update_momentum:
-                self._update_momentum_head()  # same moment as the encoders' EMA below
+                ema_module(self.momentum_head, self.head, self.momentum.momentum)  # with the encoders' EMA below
             keys = momentum_forward(
                 self.momentum, self.model, image, input_ids, attention_mask,
                 training=True, update_momentum=update_momentum, features=False,

@@ -46,7 +46,7 @@ from ..model.adapters import hf_bert_to_native
 from ..model.albef import ALBEF
 from ..model.decoder import AnswerDecoder, decoder_state_from_encoder
 from ..model.momentum import MomentumEncoder
-from .blocks import weighted_loss
+from .blocks import distill_mix, ema_module, weighted_loss
 from .mlm import IGNORE, SpecialTokens
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def answer_lm_loss(
     loss = (hard * valid).sum(1)
     if soft_targets is not None:
         soft = -(soft_targets.float() * logp).sum(-1)  # (R, A-1)
-        loss = (1.0 - alpha) * loss + alpha * (soft * valid).sum(1)
+        loss = distill_mix(loss, (soft * valid).sum(1), alpha)
     return loss
 
 
@@ -159,11 +159,7 @@ class VQATask(nn.Module):
     @torch.no_grad()
     def _momentum_update(self) -> None:
         self.momentum.update(self.model)
-        m = self.momentum.momentum
-        online = [p.detach() for p in self.decoder.parameters()]
-        target = list(self.momentum_decoder.parameters())
-        torch._foreach_mul_(target, m)
-        torch._foreach_add_(target, online, alpha=1.0 - m)
+        ema_module(self.momentum_decoder, self.decoder, self.momentum.momentum)
 
     def forward(
         self,

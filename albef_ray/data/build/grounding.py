@@ -127,30 +127,14 @@ class GroundingJsonSource(JsonSource):
                 for ref in load_refs(self.refs_file)
             }
 
-    def count(self) -> int | None:
-        return sum(len(_by_image(e)) if (e := self._entries(f)) is not None else 1 for f in self.files)
+    def _units(self, entries: list[Any]) -> list[tuple[int, list[Any]]]:
+        return _by_image(entries)  # one candidate per image: its expressions
 
     def iter_candidates(self, skip: int = 0) -> Iterator[Candidate]:
         self._load()
-        index = 0
-        for file in self.files:
-            entries = self._entries(file)
-            if entries is None:  # one unreadable file counts as one candidate
-                if index >= skip:
-                    error = ("unreadable_input", "not a JSON list of annotations")
-                    yield Candidate(self.name, file, file, error=error, position=index)
-                index += 1
-                continue
-            root = self.image_root if self.image_root is not None else os.path.dirname(file)
-            for first_row, group in _by_image(entries):
-                if index >= skip:
-                    candidate = self._group_candidate(file, first_row, group, root)
-                    if candidate is not None:  # None: no expression of ref_split in it
-                        candidate.position = index
-                        yield candidate
-                index += 1
+        yield from super().iter_candidates(skip)  # a group with no expression of ref_split yields nothing
 
-    def _group_candidate(self, file: str, row: int, group: list[Any], root: str) -> Candidate | None:
+    def _candidate(self, file: str, row: int, group: list[Any], root: str) -> Candidate | None:
         entry = group[0]
         where = f"{file}#{row}"
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):

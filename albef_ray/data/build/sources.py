@@ -81,7 +81,7 @@ class JsonSource(Source):
                     f"source {self.name!r}: {file}: expected a JSON list of "
                     f'{{"image", "caption"}} entries, found {found}'
                 )
-            self._counts[file] = len(entries)
+            self._counts[file] = len(self._units(entries))
 
     def describe(self) -> dict[str, Any]:
         root = None if self.image_root is None else str(Path(self.image_root).expanduser().resolve())
@@ -95,10 +95,15 @@ class JsonSource(Source):
             return None
         return entries if isinstance(entries, list) else None
 
+    def _units(self, entries: list[Any]) -> list[tuple[int, Any]]:
+        """One file's candidates-to-be: ``(row, entry)`` each; a format that groups entries
+        (e.g. the questions of one image) overrides it to give ``(first row, group)``."""
+        return list(enumerate(entries))
+
     def count(self) -> int | None:
         if len(self._counts) == len(self.files):
             return sum(self._counts.values())
-        return sum(len(entries) if (entries := self._entries(f)) is not None else 1 for f in self.files)
+        return sum(len(self._units(entries)) if (entries := self._entries(f)) is not None else 1 for f in self.files)
 
     def iter_candidates(self, skip: int = 0) -> Iterator[Candidate]:
         index = 0
@@ -111,14 +116,15 @@ class JsonSource(Source):
                 index += 1
                 continue
             root = self.image_root if self.image_root is not None else os.path.dirname(file)
-            for row, entry in enumerate(entries):
+            for row, unit in self._units(entries):
                 if index >= skip:
-                    candidate = self._candidate(file, row, entry, root)
-                    candidate.position = index
-                    yield candidate
+                    candidate = self._candidate(file, row, unit, root)
+                    if candidate is not None:  # None: nothing of this unit is wanted (still counted)
+                        candidate.position = index
+                        yield candidate
                 index += 1
 
-    def _candidate(self, file: str, row: int, entry: Any, root: str) -> Candidate:
+    def _candidate(self, file: str, row: int, entry: Any, root: str) -> Candidate | None:
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             return Candidate(
                 self.name, f"{file}#{row}", f"{file}#{row}", error=("missing_image", "entry has no 'image' path")

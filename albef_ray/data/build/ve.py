@@ -19,7 +19,6 @@ named with its file and row before anything is written.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from .candidates import Candidate
@@ -54,7 +53,6 @@ class VEJsonSource(JsonSource):
     def check(self) -> None:
         """Files as :class:`JsonSource` checks them, and every entry's label known."""
         super().check()
-        self._groups_total = 0
         for file in self.files:
             entries = self._entries(file) or []
             for row, entry in enumerate(entries):
@@ -63,33 +61,11 @@ class VEJsonSource(JsonSource):
                         f"source {self.name!r}: {file} entry {row}: label {entry.get('label')!r} is not one of "
                         f"{', '.join(VE_LABELS)}"
                     )
-            self._groups_total += len(_by_image(entries))
 
-    def count(self) -> int | None:
-        total = getattr(self, "_groups_total", None)
-        if total is None:
-            total = sum(len(_by_image(entries)) if (entries := self._entries(f)) is not None else 1 for f in self.files)
-        return total
+    def _units(self, entries: list[Any]) -> list[tuple[int, list[Any]]]:
+        return _by_image(entries)  # one candidate per image: its hypotheses
 
-    def iter_candidates(self, skip: int = 0) -> Iterator[Candidate]:
-        index = 0
-        for file in self.files:
-            entries = self._entries(file)
-            if entries is None:  # one unreadable file counts as one candidate
-                if index >= skip:
-                    error = ("unreadable_input", "not a JSON list of annotations")
-                    yield Candidate(self.name, file, file, error=error, position=index)
-                index += 1
-                continue
-            root = self.image_root if self.image_root is not None else os.path.dirname(file)
-            for first_row, group in _by_image(entries):
-                if index >= skip:
-                    candidate = self._group_candidate(file, first_row, group, root)
-                    candidate.position = index
-                    yield candidate
-                index += 1
-
-    def _group_candidate(self, file: str, row: int, group: list[Any], root: str) -> Candidate:
+    def _candidate(self, file: str, row: int, group: list[Any], root: str) -> Candidate:
         entry = group[0]
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             return Candidate(

@@ -23,7 +23,6 @@ docs/data.md for the measured cost).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from .candidates import Candidate
@@ -83,28 +82,10 @@ class VQAJsonSource(JsonSource):
     format = "vqa_json"
     options: ClassVar[tuple[str, ...]] = ("image_root",)
 
-    def count(self) -> int | None:
-        return sum(len(_by_image(entries)) if (entries := self._entries(f)) is not None else 1 for f in self.files)
+    def _units(self, entries: list[Any]) -> list[tuple[int, list[Any]]]:
+        return _by_image(entries)  # one candidate per (dataset, image): its questions
 
-    def iter_candidates(self, skip: int = 0) -> Iterator[Candidate]:
-        index = 0
-        for file in self.files:
-            entries = self._entries(file)
-            if entries is None:  # one unreadable file counts as one candidate
-                if index >= skip:
-                    yield Candidate(self.name, file, file, error=("unreadable_input", "not a JSON list of annotations"),
-                                    position=index)
-                index += 1
-                continue
-            root = self.image_root if self.image_root is not None else os.path.dirname(file)
-            for row, group in _by_image(entries):
-                if index >= skip:
-                    candidate = self._group_candidate(file, row, group, root)
-                    candidate.position = index
-                    yield candidate
-                index += 1
-
-    def _group_candidate(self, file: str, row: int, group: list[Any], root: str) -> Candidate:
+    def _candidate(self, file: str, row: int, group: list[Any], root: str) -> Candidate:
         first = group[0]
         if not isinstance(first, dict) or not isinstance(first.get("image"), str):
             return Candidate(self.name, f"{file}#{row}", f"{file}#{row}", error=("missing_image", "entry has no 'image' path"))
