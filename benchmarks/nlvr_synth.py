@@ -44,7 +44,7 @@ def load_rows(cfg, tokenizer, split: str, blank: bool = False) -> dict[str, torc
     """Every row of ``split`` as one dict of tensors (padded to the longest text)."""
     parts = [b.tensors for b in iter_examples(cfg.data.shards, split, cfg, tokenizer, batch_size=512)]
     width = max(p["input_ids"].shape[1] for p in parts)
-    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731 (pad id 0)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))
     keys = [k for k in ("image", "image2", "label") if k in parts[0]]
     rows = {k: torch.cat([p[k] for p in parts]) for k in keys}
     rows.update(input_ids=torch.cat([pad(p["input_ids"]) for p in parts]),

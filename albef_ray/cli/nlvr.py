@@ -12,8 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import AlbefConfig, with_overrides
-from .common import add_config_args, add_resume_arg, load
+from .common import add_config_args, add_resume_arg, eval_inputs, finetune_task, load
 
 CHECKPOINT_HELP = (
     "weights to start from (sets model.checkpoint): an albef-ray checkpoint directory, a run directory "
@@ -82,39 +81,10 @@ def accuracy_line(metrics: dict[str, float]) -> str:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    cfg = load(args)  # a bad config is named before Ray or torch is imported
-    from ..eval.checkpoint import resolve_checkpoint
-    from ..launch.finetune import run_finetune
-    from ..model.registry import get_arch
+    def describe(cfg) -> str:
+        return f" | distill {cfg.nlvr.distill}" if args.task == "nlvr" else " | text assignment"
 
-    if args.checkpoint:
-        try:
-            checkpoint = str(resolve_checkpoint(args.checkpoint))
-        except OSError as err:
-            print(f"albef-ray: finetune error: {err}", file=sys.stderr)
-            return 2
-        cfg = with_overrides(cfg, {"model.checkpoint": checkpoint})
-    res = get_arch(cfg.model.size, cfg.model.image_res).image_res
-    what = "distill " + str(cfg.nlvr.distill) if args.task == "nlvr" else "text assignment, no evaluation"
-    print(
-        f"albef-ray finetune {args.task}: {cfg.model.size} @ {res}px from {cfg.model.checkpoint or 'the initial weights'}"
-        f" | {cfg.train.num_workers} worker(s) x batch {cfg.train.batch_size} | {cfg.train.epochs} epochs | {what}"
-    )
-    _, best = run_finetune(cfg, args.task)
-    if best is not None:
-        print(accuracy_line(best[1]))
-    return 0
-
-
-def _eval_inputs(cfg: AlbefConfig, checkpoint: str | None) -> AlbefConfig:
-    """The part of ``cfg`` that `eval nlvr` reads: its shards only, no initial weights."""
-    from ..eval.checkpoint import eval_paths
-
-    eval_paths(cfg)  # eval.shards or data.shards must name something
-    data = cfg.data.model_copy(update={"shards": [] if cfg.eval.shards else cfg.data.shards})
-    model = cfg.model.model_copy(update={"vit_init": None, "bert_init": None,
-                                         **({"checkpoint": None} if checkpoint else {})})
-    return cfg.model_copy(update={"data": data, "model": model})
+    return finetune_task(args, args.task, describe=describe, report=lambda cfg, best: accuracy_line(best))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -125,12 +95,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..model.loading import CheckpointError
     from ..precision import resolve_device
 
-    check_local_paths(_eval_inputs(cfg, args.checkpoint))  # before any model or tokenizer loads
-    predictions: list[dict] | None = [] if args.predictions else None
     if not (args.checkpoint or cfg.model.checkpoint):
         print("albef-ray: eval error: eval nlvr needs a fine-tuned checkpoint (--checkpoint or model.checkpoint)",
               file=sys.stderr)
         return 2
+    check_local_paths(eval_inputs(cfg, args.checkpoint))  # before any model or tokenizer loads
+    predictions: list[dict] | None = [] if args.predictions else None
     try:
         weights = resolve_checkpoint(args.checkpoint or cfg.model.checkpoint)
         print(f"albef-ray eval nlvr: {cfg.model.size} from {weights}")

@@ -48,7 +48,7 @@ class PairFusionEncoder(nn.Module):
         tie_cross_kv(self.layers)
 
     @classmethod
-    def from_fusion(cls, fusion: FusionEncoder) -> "PairFusionEncoder":
+    def from_fusion(cls, fusion: FusionEncoder) -> PairFusionEncoder:
         """The doubled encoder of a (pretrained) single-image one: layer i -> layers 2i, 2i+1.
 
         Both layers of a pair start as copies of layer ``i`` (weights and dropout settings);

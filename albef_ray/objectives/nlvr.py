@@ -31,6 +31,8 @@ from ..config import AlbefConfig
 from ..model.albef import ALBEF
 from ..model.momentum import MomentumEncoder
 from ..model.nlvr import PairFusionEncoder, classifier_head
+from .blocks import distill_mix, ema_module
+from .itc import soft_cross_entropy
 from .mlm import SpecialTokens
 
 # ALBEF parts that no NLVR2 model has (official model_nlvr.py: ViT, 18-layer BERT, cls_head).
@@ -64,14 +66,6 @@ def logit_momentum(model: ALBEF, momentum: float) -> MomentumEncoder:
     return mom
 
 
-@torch.no_grad()
-def ema_(target: nn.Module, source: nn.Module, momentum: float) -> None:
-    """p_t <- m p_t + (1 - m) p_s over the parameters of two modules of one structure."""
-    p_t, p_s = list(target.parameters()), [p.detach() for p in source.parameters()]
-    torch._foreach_mul_(p_t, momentum)
-    torch._foreach_add_(p_t, p_s, alpha=1.0 - momentum)
-
-
 def distilled_cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, momentum_logits: torch.Tensor | None = None, alpha: float = 0.0
 ) -> torch.Tensor:
@@ -86,8 +80,7 @@ def distilled_cross_entropy(
     loss = F.cross_entropy(logits.float(), targets)
     if momentum_logits is None or alpha == 0:
         return loss
-    soft = -(F.log_softmax(logits.float(), dim=1) * F.softmax(momentum_logits.float(), dim=1)).sum(dim=1).mean()
-    return (1 - alpha) * loss + alpha * soft
+    return distill_mix(loss, soft_cross_entropy(logits, F.softmax(momentum_logits.float(), dim=1)), alpha)
 
 
 class NLVRTask(nn.Module):
@@ -102,7 +95,7 @@ class NLVRTask(nn.Module):
 
     batch_keys = ("image2", "label")
 
-    def __init__(self, model: ALBEF, cfg: AlbefConfig, special: SpecialTokens = SpecialTokens()):
+    def __init__(self, model: ALBEF, cfg: AlbefConfig, special: SpecialTokens | None = None):
         super().__init__()
         self.cfg = cfg
         pair_model(model, drop=())  # doubled fusion first, so the momentum copy has it too
@@ -165,7 +158,7 @@ class NLVRTask(nn.Module):
         if self.momentum is not None and self.training:
             if update_momentum:  # the official order: EMA, then the momentum forward
                 self.momentum.update(self.model)
-                ema_(self.momentum_head, self.head, self.momentum.momentum)
+                ema_module(self.momentum_head, self.head, self.momentum.momentum)
             if alpha > 0:
                 with torch.no_grad():
                     momentum_logits = self.logits(image, input_ids, attention_mask, image2, momentum=True)
@@ -256,7 +249,7 @@ class TextAssignmentTask(nn.Module):
 
     batch_keys = ("image_idx",)
 
-    def __init__(self, model: ALBEF, cfg: AlbefConfig, special: SpecialTokens = SpecialTokens()):
+    def __init__(self, model: ALBEF, cfg: AlbefConfig, special: SpecialTokens | None = None):
         super().__init__()
         self.cfg = cfg
         self.model = pair_model(model, drop=("itm_head", "mlm_head"))

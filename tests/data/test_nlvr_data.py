@@ -9,7 +9,6 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from albef_ray.config import build_config
 from albef_ray.data.build.nlvr import NLVRJsonSource, nlvr_label
@@ -19,7 +18,7 @@ from albef_ray.data.manifest import shard_paths
 from albef_ray.data.tokenizer import load_tokenizer
 from albef_ray.eval.examples import iter_examples
 from albef_ray.eval.nlvr import evaluate
-from albef_ray.synth.nlvr import Description, Statement, build_nlvr, plan
+from albef_ray.synth.nlvr import Description, Statement, plan
 from albef_ray.synth.scenes import Scene, Thing
 from albef_ray.synth.tasks import SynthTaskSettings
 from albef_ray.tasks import build_task, get_task
@@ -37,7 +36,7 @@ def test_official_json_pairs_become_rows_and_bad_inputs_are_counted(tmp_path):
         (root / "dev" / f"dev-{i}-img0.png").write_bytes(image_bytes(i, "PNG"))
         (root / "dev" / f"dev-{i}-img1.png").write_bytes(image_bytes(10 + i, "PNG"))
     (root / "dev" / "dev-2-img1.png").write_bytes(garbage(2))  # a bad right image skips its pair
-    pair = lambda i: [f"dev/dev-{i}-img0.png", f"dev/dev-{i}-img1.png"]  # noqa: E731
+    pair = lambda i: [f"dev/dev-{i}-img0.png", f"dev/dev-{i}-img1.png"]
     entries = [
         {"images": pair(0), "sentence": "both images show a dog", "label": "True", "identifier": "dev-0-0"},
         {"images": pair(1), "sentence": "the left image has two cats", "label": "False", "identifier": "dev-1-0"},

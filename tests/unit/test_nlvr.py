@@ -17,7 +17,12 @@ from albef_ray.model.loading import load_albef_checkpoint
 from albef_ray.model.nlvr import PairFusionEncoder
 from albef_ray.model.registry import get_arch
 from albef_ray.model.text import FusionEncoder
-from albef_ray.objectives.nlvr import NLVRTask, TextAssignmentTask, assign_images, distilled_cross_entropy
+from albef_ray.objectives.nlvr import (
+    NLVRTask,
+    TextAssignmentTask,
+    assign_images,
+    distilled_cross_entropy,
+)
 from albef_ray.objectives.pretrain import PretrainTask
 from tests.conftest import ALL_SIZES, make_batch
 
@@ -35,7 +40,7 @@ def _attend(q, k, v, heads, mask=None):
     """softmax(q k^T / sqrt(d) [+ -inf on padding]) v, head by head, written out."""
     b, t, c = q.shape
     d = c // heads
-    split = lambda x: x.view(x.shape[0], x.shape[1], heads, d).transpose(1, 2)  # noqa: E731
+    split = lambda x: x.view(x.shape[0], x.shape[1], heads, d).transpose(1, 2)
     scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(d)  # (B, h, T, L)
     if mask is not None:
         scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))

@@ -20,7 +20,6 @@ them all as one skip line, an empty statement only itself. Rows carry ``image`` 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from .candidates import Candidate
@@ -61,41 +60,17 @@ class NLVRJsonSource(JsonSource):
     def check(self) -> None:
         """Files as :class:`JsonSource` checks them, and every entry's label true or false."""
         super().check()
-        self._groups_total = 0
         for file in self.files:
-            entries = self._entries(file) or []
-            for row, entry in enumerate(entries):
+            for row, entry in enumerate(self._entries(file) or []):
                 if isinstance(entry, dict) and nlvr_label(entry.get("label")) is None:
                     raise ValueError(
                         f"source {self.name!r}: {file} entry {row}: label {entry.get('label')!r} is not True or False"
                     )
-            self._groups_total += len(_by_pair(entries))
 
-    def count(self) -> int | None:
-        total = getattr(self, "_groups_total", None)
-        if total is None:
-            total = sum(len(_by_pair(entries)) if (entries := self._entries(f)) is not None else 1 for f in self.files)
-        return total
+    def _units(self, entries: list[Any]) -> list[tuple[int, list[Any]]]:
+        return _by_pair(entries)  # one candidate per image pair: its statements
 
-    def iter_candidates(self, skip: int = 0) -> Iterator[Candidate]:
-        index = 0
-        for file in self.files:
-            entries = self._entries(file)
-            if entries is None:  # one unreadable file counts as one candidate
-                if index >= skip:
-                    yield Candidate(self.name, file, file, error=("unreadable_input", "not a JSON list of annotations"),
-                                    position=index)
-                index += 1
-                continue
-            root = self.image_root if self.image_root is not None else os.path.dirname(file)
-            for first_row, group in _by_pair(entries):
-                if index >= skip:
-                    candidate = self._pair_candidate(file, first_row, group, root)
-                    candidate.position = index
-                    yield candidate
-                index += 1
-
-    def _pair_candidate(self, file: str, row: int, group: list[Any], root: str) -> Candidate:
+    def _candidate(self, file: str, row: int, group: list[Any], root: str) -> Candidate:
         pair = _pair(group[0])
         if pair is None:
             return Candidate(self.name, f"{file}#{row}", f"{file}#{row}",
