@@ -118,12 +118,3 @@ def expand_single_image_layers(state: dict[str, torch.Tensor], prefix: str, pair
             state[f"{prefix}layers.{2 * i}.{rest}"] = value
             state[f"{prefix}layers.{2 * i + 1}.{rest}"] = value
     return True
-
-
-def classifier_head(width: int, classes: int) -> nn.Sequential:
-    """The official ``cls_head``: Linear(C, C) -> ReLU -> Linear(C, classes) on the multimodal [CLS].
-
-    PyTorch's default Linear initialisation, as the official head (it sits outside BertModel,
-    whose BERT initialisation does not reach it).
-    """
-    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes))

@@ -31,12 +31,13 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import AlbefConfig
 from ..model.albef import ALBEF
 from ..model.momentum import MomentumEncoder
-from .itc import contrastive
+from .itc import contrastive, soft_cross_entropy
 from .itm import itm_loss, itm_pairs
 
 
@@ -336,6 +337,25 @@ def distill_mix(hard: torch.Tensor, soft: torch.Tensor, alpha: float) -> torch.T
         alpha: this step's MoD weight.
     """
     return (1 - alpha) * hard + alpha * soft
+
+
+def distilled_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, momentum_logits: torch.Tensor | None = None, alpha: float = 0.0
+) -> torch.Tensor:
+    """A classifier's loss with momentum distillation of its logits (SNLI-VE, NLVR2):
+    ``(1 - alpha) CE(logits, targets) + alpha CE(logits, softmax(momentum_logits))``, fp32, mean.
+
+    Args:
+        logits: (B, K) online logits.
+        targets: (B,) int64 class indices.
+        momentum_logits: (B, K) momentum-model logits (no grad), or None: plain cross-entropy.
+        alpha: weight of the momentum targets.
+    """
+    logits = logits.float()
+    loss = F.cross_entropy(logits, targets)
+    if momentum_logits is None or alpha == 0:
+        return loss
+    return distill_mix(loss, soft_cross_entropy(logits, F.softmax(momentum_logits.float(), dim=1)), alpha)
 
 
 def loss_weights(cfg: AlbefConfig) -> dict[str, float]:

@@ -30,9 +30,9 @@ from torch import nn
 from ..config import AlbefConfig
 from ..model.albef import ALBEF
 from ..model.momentum import MomentumEncoder
-from ..model.nlvr import PairFusionEncoder, classifier_head
-from .blocks import distill_mix, ema_module
-from .itc import soft_cross_entropy
+from ..model.heads import classifier_head
+from ..model.nlvr import PairFusionEncoder
+from .blocks import distilled_cross_entropy, ema_module
 from .mlm import SpecialTokens
 
 # ALBEF parts that no NLVR2 model has (official model_nlvr.py: ViT, 18-layer BERT, cls_head).
@@ -64,23 +64,6 @@ def logit_momentum(model: ALBEF, momentum: float) -> MomentumEncoder:
         if hasattr(mom.model, name):
             delattr(mom.model, name)
     return mom
-
-
-def distilled_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, momentum_logits: torch.Tensor | None = None, alpha: float = 0.0
-) -> torch.Tensor:
-    """``(1 - alpha) CE(logits, targets) + alpha CE(logits, softmax(momentum_logits))`` (mean).
-
-    Args:
-        logits: (B, K) online logits.
-        targets: (B,) int64 class indices.
-        momentum_logits: (B, K) momentum-model logits (no grad), or None: plain CE.
-        alpha: weight of the momentum targets.
-    """
-    loss = F.cross_entropy(logits.float(), targets)
-    if momentum_logits is None or alpha == 0:
-        return loss
-    return distill_mix(loss, soft_cross_entropy(logits, F.softmax(momentum_logits.float(), dim=1)), alpha)
 
 
 class NLVRTask(nn.Module):

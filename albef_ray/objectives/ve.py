@@ -23,14 +23,13 @@ unused-parameter search), and the state dict has the official layout's parts one
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import AlbefConfig
 from ..model.albef import ALBEF
+from ..model.heads import classifier_head
 from ..model.momentum import MomentumEncoder
-from .blocks import distill_mix, ema_module, momentum_forward
-from .itc import soft_cross_entropy
+from .blocks import distilled_cross_entropy, ema_module, momentum_forward
 from .mlm import SpecialTokens
 
 NUM_CLASSES = 3  # contradiction, neutral, entailment: the official cls_head's output rows
@@ -39,35 +38,6 @@ UNUSED_PARTS = ("vision_proj", "text_proj", "itm_head", "temp", "mlm_head")
 UNUSED_MOMENTUM_PARTS = ("vision_proj", "text_proj", "mlm_head")  # itm_head, temp: never copied
 # The official checkpoint roots of the head and its momentum copy -> native module names.
 _HEAD_KEYS = {"cls_head.": "head.", "cls_head_m.": "momentum_head."}
-
-
-def classifier_head(width: int, num_classes: int = NUM_CLASSES) -> nn.Sequential:
-    """The official ``cls_head``: Linear(C, C) -> ReLU -> Linear(C, classes).
-
-    A ``Sequential`` so parameter names (``0.weight``, ``2.weight``) are the official ones.
-    """
-    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
-
-
-def ve_loss(
-    logits: torch.Tensor, label: torch.Tensor, momentum_logits: torch.Tensor | None = None, alpha: float = 0.0
-) -> torch.Tensor:
-    """(1 - alpha) CE(logits, label) + alpha * soft CE against softmax(momentum_logits).
-
-    Args:
-        logits: (B, K) online logits.
-        label: (B,) int64 class ids.
-        momentum_logits: (B, K) momentum-model logits, or None (plain cross-entropy).
-        alpha: weight of the soft targets.
-
-    Returns:
-        The scalar loss (fp32).
-    """
-    logits = logits.float()
-    ce = F.cross_entropy(logits, label)
-    if momentum_logits is None or alpha == 0:
-        return ce
-    return distill_mix(ce, soft_cross_entropy(logits, F.softmax(momentum_logits.float(), dim=1)), alpha)
 
 
 class VETask(nn.Module):
@@ -89,13 +59,13 @@ class VETask(nn.Module):
     def __init__(self, model: ALBEF, cfg: AlbefConfig, special: SpecialTokens | None = None):
         super().__init__()
         self.cfg = cfg
-        self.head = classifier_head(model.arch.text_width)
+        self.head = classifier_head(model.arch.text_width, NUM_CLASSES)
         self.momentum = self.momentum_head = None
         if cfg.ve.distill:  # copied before the unused parts go (the copy reads the ITC width)
             self.momentum = MomentumEncoder(model, cfg.momentum.momentum, use_queue=False)
             for name in UNUSED_MOMENTUM_PARTS:
                 delattr(self.momentum.model, name)
-            self.momentum_head = classifier_head(model.arch.text_width)
+            self.momentum_head = classifier_head(model.arch.text_width, NUM_CLASSES)
             self.momentum_head.load_state_dict(self.head.state_dict())  # official copy_params()
             self.momentum_head.requires_grad_(False)
         for name in UNUSED_PARTS:
@@ -131,7 +101,7 @@ class VETask(nn.Module):
             return_outputs: also return ``logits`` (and ``momentum_logits``), detached.
 
         Returns:
-            ``loss`` (= ``ve_loss``) and ``ve_batch_acc`` (fraction of the batch right).
+            ``loss`` (= ``ve_loss``, :func:`~.blocks.distilled_cross_entropy`) and ``ve_batch_acc`` (fraction of the batch right).
         """
         if label is None:
             raise ValueError("SNLI-VE fine-tuning needs label (B,) with the batch")
@@ -149,7 +119,7 @@ class VETask(nn.Module):
                 with torch.no_grad():
                     fused = self.momentum.model.fuse(keys.text_hidden, attention_mask, keys.image_tokens)
                     momentum_logits = self.momentum_head(fused[:, 0]).float()  # (B, 3)
-        loss = ve_loss(logits, label, momentum_logits, alpha)
+        loss = distilled_cross_entropy(logits, label, momentum_logits, alpha)
         out = {
             "ve_loss": loss,
             "ve_batch_acc": (logits.detach().argmax(dim=1) == label).float().mean(),

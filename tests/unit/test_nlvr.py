@@ -17,12 +17,8 @@ from albef_ray.model.loading import load_albef_checkpoint
 from albef_ray.model.nlvr import PairFusionEncoder
 from albef_ray.model.registry import get_arch
 from albef_ray.model.text import FusionEncoder
-from albef_ray.objectives.nlvr import (
-    NLVRTask,
-    TextAssignmentTask,
-    assign_images,
-    distilled_cross_entropy,
-)
+from albef_ray.objectives.blocks import distilled_cross_entropy
+from albef_ray.objectives.nlvr import NLVRTask, TextAssignmentTask, assign_images
 from albef_ray.objectives.pretrain import PretrainTask
 from tests.conftest import ALL_SIZES, make_batch
 

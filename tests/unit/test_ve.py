@@ -12,7 +12,8 @@ from albef_ray.eval.ve import ve_accuracy
 from albef_ray.model.adapters import native_to_albef
 from albef_ray.model.albef import build_model
 from albef_ray.model.loading import load_albef_checkpoint
-from albef_ray.objectives.ve import UNUSED_PARTS, VETask, ve_loss
+from albef_ray.objectives.blocks import distilled_cross_entropy as ve_loss
+from albef_ray.objectives.ve import UNUSED_PARTS, VETask
 from albef_ray.tasks import build_task, get_task
 from tests.conftest import ALL_SIZES, make_batch, tiny_cfg
 
