@@ -23,7 +23,7 @@ from ..tasks import build_task, get_task
 from ..tracking import MetricLogger, close_run, open_run, resolve_tracking_uri, ui_hint
 from ..train.checkpoint import TrainProgress, load_training_state, rng_state, save_training_state, set_rng_state
 from ..train.loop import Schedule, format_metrics, train_step
-from ..train.metrics import MetricWindow
+from ..train.metrics import MetricWindow, NonFiniteRun
 from ..train.optim import build_optimizer
 from .common import absolute_data_paths, init_ray, run_paths
 from .faults import maybe_inject_fault
@@ -95,11 +95,20 @@ def _restore(task, optimizer, generator, rank, world, batch_size) -> tuple[Train
     return progress, position
 
 
-def _agreed(batches, device, world: int):
+def _host_group():
+    """A process group for host-side agreement: the default one when it runs on the CPU
+    (gloo), else a gloo group beside NCCL, so agreeing on a flag never waits for the GPU."""
+    import torch.distributed as dist
+
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def _agreed(batches, world: int, group=None):
     """The batches while every rank has one: when any rank's stream runs out, the epoch ends on all.
 
     Undecodable rows are dropped per worker, so workers' streams end after different numbers
-    of full batches; one more step on some ranks only would hang DDP's collectives.
+    of full batches; one more step on some ranks only would hang DDP's collectives. The flag
+    is a CPU tensor reduced over ``group`` (:func:`_host_group`): no GPU sync.
     """
     import torch.distributed as dist
 
@@ -107,8 +116,8 @@ def _agreed(batches, device, world: int):
     while True:
         batch = next(batches, None)
         if world > 1:
-            have = torch.tensor([0 if batch is None else 1], device=device)
-            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            have = torch.tensor([0 if batch is None else 1])
+            dist.all_reduce(have, op=dist.ReduceOp.MIN, group=group)
             if not int(have.item()):
                 return
         elif batch is None:
@@ -150,6 +159,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     stream = loop_config.get("stream")  # caption shards: a deterministic order per (seed, epoch)
     shard = None if stream is not None else ray.train.get_dataset_shard("train")
     window = MetricWindow()
+    bad_steps = NonFiniteRun(progress.nonfinite_in_row)
+    group = _host_group() if world > 1 else None
+    last_rows = None  # the last batch's stream positions, read (a sync) at the next flush
+    clock = {"start": time.perf_counter(), "wait": 0.0, "steps": 0}
     task.train()
 
     def epoch_batches():
@@ -161,43 +174,50 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         return itertools.islice(batches, progress.batches_done, None)
 
     def flush(checkpoint: bool, evaluate: bool) -> None:
+        # Steps run ahead of the device; their metrics, stream position and verdicts are read
+        # here, in one sync per logging interval.
+        nonlocal position, last_rows
         report = window.flush()
+        if last_rows is not None:
+            position, last_rows = int(last_rows.max()) + 1, None
+        progress.nonfinite_in_row, worst = bad_steps.read()
+        if worst >= cfg.train.max_nonfinite_steps:  # before any checkpoint of these steps
+            raise RuntimeError(
+                f"{worst} non-finite steps in a row by step {progress.step} "
+                f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last good "
+                "checkpoint is kept. Lower optim.lr, set optim.grad_clip or check the data."
+            )
+        elapsed = time.perf_counter() - clock["start"]  # the window's wall time, device work included
+        if report and clock["steps"]:
+            report.update(
+                step_time_s=elapsed / clock["steps"],
+                samples_per_s=cfg.train.batch_size * world * clock["steps"] / max(elapsed, 1e-9),
+                data_wait_frac=clock["wait"] / max(elapsed, 1e-9),
+            )
         if tracker is not None and report:
             tracker.log(report, progress.step)
             log.info(format_metrics(progress.step, stop, report))
         if evaluator is not None and checkpoint:
             report.update(evaluator(task, progress.step, run=evaluate))
         _report(report, progress, cfg, task, optimizer, generator, rank, checkpoint, position, world)
+        clock.update(start=time.perf_counter(), wait=0.0, steps=0)
 
     while progress.epoch < cfg.train.epochs and progress.step < stop:
         epoch_done = True  # by steps_per_epoch or by a stream running out; False: stopped at `stop`
         t_wait = time.perf_counter()
-        for batch in _agreed(epoch_batches(), device, world):
-            t_ready = time.perf_counter()
+        for batch in _agreed(epoch_batches(), world, group):
+            clock["wait"] += time.perf_counter() - t_wait
             maybe_inject_fault(cfg, progress.step, rank, world, run_dir)
-            dropped = float(batch.pop("num_dropped", torch.zeros(())).sum()) if isinstance(batch, dict) else 0.0
+            dropped = batch.pop("num_dropped", None) if isinstance(batch, dict) else None
             rows = batch.pop("position", None) if isinstance(batch, dict) else None
-            metrics = train_step(task, optimizer, batch, progress.step, cfg, schedule, generator)
-            t_done = time.perf_counter()
+            metrics = train_step(task, optimizer, batch, progress.step, cfg, schedule, generator, sync=False)
             progress.step += 1
             progress.batches_done += 1
-            if rows is not None:
-                position = int(rows.max()) + 1
-            progress.nonfinite_in_row = progress.nonfinite_in_row + 1 if metrics["skipped"] else 0
-            metrics.update(
-                dropped_rows=dropped,
-                step_time_s=t_done - t_wait,  # data wait + step (+ the previous report's cost)
-                samples_per_s=cfg.train.batch_size * world / max(t_done - t_wait, 1e-9),
-                data_wait_frac=(t_ready - t_wait) / max(t_done - t_wait, 1e-9),
-            )
+            clock["steps"] += 1
+            last_rows = rows if rows is not None else last_rows
+            bad_steps.add(metrics["skipped"])
+            metrics["dropped_rows"] = dropped.sum() if dropped is not None else 0.0
             window.add(metrics)
-            t_wait = time.perf_counter()
-            if progress.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{progress.nonfinite_in_row} non-finite steps in a row at step {progress.step} "
-                    f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last good "
-                    "checkpoint is kept. Lower optim.lr, set optim.grad_clip or check the data."
-                )
             if progress.batches_done >= schedule.steps_per_epoch:
                 break
             if progress.step >= stop:
@@ -206,8 +226,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             checkpoint = progress.step % cfg.train.checkpoint_every_steps == 0
             if checkpoint or progress.step % cfg.train.log_every_steps == 0:
                 flush(checkpoint, evaluate=False)
+            t_wait = time.perf_counter()
         # However the epoch ended, it ends here: checkpoint, report, evaluation.
         if epoch_done:
+            last_rows = None  # the next epoch's stream starts at row 0
             progress.epoch += 1
             progress.batches_done = 0
             position = 0

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..config import AlbefConfig
 from ..model.albef import ALBEF
-from ..model.momentum import MomentumEncoder
+from ..model.momentum import GatedMomentum, MomentumEncoder, ema_
 from .itc import contrastive, soft_cross_entropy
 from .itm import itm_loss, itm_pairs
 
@@ -311,21 +311,21 @@ def finish_queue(
 
 
 @torch.no_grad()
-def ema_module(copy: nn.Module, online: nn.Module, momentum: float) -> None:
+def ema_module(copy: nn.Module, online: nn.Module, momentum: float | GatedMomentum) -> None:
     """p_m <- m * p_m + (1 - m) * p over the parameters of a task's extra momentum module.
 
     The same update :meth:`~albef_ray.model.momentum.MomentumEncoder.update` applies to the
     encoders, for a module outside them (a head, a decoder) and its EMA copy; a task calls it
-    at the moment of the encoders' EMA.
+    at the moment of the encoders' EMA with the encoders'
+    :meth:`~albef_ray.model.momentum.MomentumEncoder.effective_momentum`, so both are gated
+    alike.
 
     Args:
         copy: the momentum copy (parameters updated in place).
         online: the online module, with the same parameters in the same order.
-        momentum: m (``cfg.momentum.momentum``).
+        momentum: m (``cfg.momentum.momentum``), or its gated form.
     """
-    copies = list(copy.parameters())
-    torch._foreach_mul_(copies, momentum)
-    torch._foreach_add_(copies, [p.detach() for p in online.parameters()], alpha=1.0 - momentum)
+    ema_(list(copy.parameters()), [p.detach() for p in online.parameters()], momentum)
 
 
 def distill_mix(hard: torch.Tensor, soft: torch.Tensor, alpha: float) -> torch.Tensor:

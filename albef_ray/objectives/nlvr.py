@@ -141,7 +141,7 @@ class NLVRTask(nn.Module):
         if self.momentum is not None and self.training:
             if update_momentum:  # the official order: EMA, then the momentum forward
                 self.momentum.update(self.model)
-                ema_module(self.momentum_head, self.head, self.momentum.momentum)
+                ema_module(self.momentum_head, self.head, self.momentum.effective_momentum())
             if alpha > 0:
                 with torch.no_grad():
                     momentum_logits = self.logits(image, input_ids, attention_mask, image2, momentum=True)

@@ -110,7 +110,7 @@ class VETask(nn.Module):
         momentum_logits = None
         if self.momentum is not None and self.training:
             if update_momentum:
-                ema_module(self.momentum_head, self.head, self.momentum.momentum)  # with the encoders' EMA below
+                ema_module(self.momentum_head, self.head, self.momentum.effective_momentum())  # with the encoders' EMA below
             keys = momentum_forward(
                 self.momentum, self.model, image, input_ids, attention_mask,
                 training=True, update_momentum=update_momentum, features=False,

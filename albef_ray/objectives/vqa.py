@@ -159,7 +159,7 @@ class VQATask(nn.Module):
     @torch.no_grad()
     def _momentum_update(self) -> None:
         self.momentum.update(self.model)
-        ema_module(self.momentum_decoder, self.decoder, self.momentum.momentum)
+        ema_module(self.momentum_decoder, self.decoder, self.momentum.effective_momentum())
 
     def forward(
         self,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,11 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from ..config import AlbefConfig, ConfigError
 from ..precision import autocast_context, resolve_device
-from .metrics import MetricWindow
+from .metrics import MetricWindow, materialise
 from .optim import alpha_at, build_optimizer, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,32 @@ def _unwrap(task: nn.Module) -> nn.Module:
     return task
 
 
-def all_ranks_agree(ok: bool, device: torch.device) -> bool:
-    """``ok`` on every rank (one all-reduce of a flag under torch.distributed, else ``ok``)."""
+def all_ranks_agree(ok: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor ``ok``, AND-ed over ranks on the device (an all-reduce under
+    torch.distributed, else ``ok`` itself); no host sync."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return ok
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    flag = ok.float().reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return flag[0] > 0
+
+
+def optimizer_step_if(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
+    """``optimizer.step()`` where the 0-d bool ``ok`` is True, decided on the device.
+
+    A fused Adam/AdamW (what :func:`~albef_ray.train.optim.build_optimizer` builds) takes the
+    verdict as its ``found_inf`` input (the hook AMP's GradScaler uses): where set, the kernel
+    leaves weights, moments and step count as they were. Any other optimizer falls back to a
+    host sync (``bool(ok)``).
+    """
+    if optimizer.defaults.get("fused") and getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = (~ok).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(ok):
+        optimizer.step()
 
 
 def to_device(batch: Batch, device: torch.device) -> dict[str, object]:
@@ -106,8 +125,9 @@ def train_step(
     cfg: AlbefConfig,
     schedule: Schedule,
     generator: torch.Generator | None = None,
+    sync: bool = True,
 ) -> dict[str, float]:
-    """One optimizer step.
+    """One optimizer step, decided on the device: no host sync inside it.
 
     Args:
         task: a ``PretrainTask`` (or a DDP wrapper of one) on the batch's device; its
@@ -121,11 +141,15 @@ def train_step(
         cfg: the config tree (reads ``optim``, ``mod``, ``train.precision``).
         schedule: step counts of the run.
         generator: RNG for masking and negative sampling, on the batch's device.
+        sync: return floats (one host sync, at the end). False returns the metrics as 0-d
+            device tensors, so a loop can run ahead of the GPU and read them at its logging
+            interval (:func:`materialise`).
 
     Returns:
-        Floats: ``loss``, each ``*_loss`` and metric averaged over micro-batches (weighted
-        by their size), ``lr``, ``alpha``, ``grad_norm`` (before clipping) and ``skipped``
-        (1.0 when the loss or the gradient was non-finite and no update was made).
+        ``loss``, each ``*_loss`` and metric averaged over micro-batches (weighted by their
+        size), ``grad_norm`` (before clipping) and ``skipped`` (1.0 when the loss or the
+        gradient was non-finite and no update was made): floats, or 0-d tensors without
+        ``sync``; ``lr`` and ``alpha`` are floats.
 
     Momentum encoder and queues (when the task has ``momentum``, a
     :class:`~albef_ray.model.momentum.MomentumEncoder`): the EMA runs once per optimizer
@@ -138,7 +162,11 @@ def train_step(
     Every micro-batch runs backward even after a non-finite loss, so DDP ranks stay in
     step. Whether the step is applied is agreed across ranks (:func:`all_ranks_agree`):
     every loss, the gradient norm and every momentum key must be finite on every rank;
-    otherwise no rank updates weights, optimizer state, EMA or queues.
+    otherwise no rank updates weights, optimizer state, EMA or queues. The verdict is a
+    device tensor: the fused AdamW skips on it (:func:`optimizer_step_if`), the queues'
+    writes and pointer are gated by it, and the next step's EMA by ``momentum.ema_due``.
+    Profiler ranges ``albef.forward``, ``albef.backward``, ``albef.optimizer`` (with
+    ``albef.ema`` and ``albef.enqueue`` from the momentum encoder) split the step's time.
     """
     micro = list(batch) if isinstance(batch, Sequence) else split_batch(batch, cfg.optim.grad_accum)
     sizes = [int(mb["input_ids"].shape[0]) for mb in micro]
@@ -151,46 +179,48 @@ def train_step(
     momentum = getattr(_unwrap(task), "momentum", None)
     if momentum is not None:
         momentum.discard()  # keys of an interrupted step
+        # The EMA flag lives on the device (a resumed or new run starts from a Python bool), so
+        # every step runs the same gated arithmetic: the straight and the resumed run agree.
+        if not isinstance(momentum.ema_due, torch.Tensor):
+            momentum.ema_due = torch.full((), bool(momentum.ema_due), device=device)
     row_keys = batch_keys(task)
-    sums: dict[str, float] = {}
-    loss_finite = True
+    sums: dict[str, torch.Tensor] = {}
     for i, mb in enumerate(micro):
         weight = sizes[i] / sum(sizes)
         # DDP: all-reduce gradients only on the last micro-batch.
         last = i == len(micro) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(task, "no_sync") else task.no_sync()
-        step_kwargs = {} if momentum is None else {"update_momentum": i == 0 and momentum.ema_due, "enqueue": False}
-        with sync:
-            with autocast_context(cfg.train.precision, device):
+        sync_grads = contextlib.nullcontext() if last or not hasattr(task, "no_sync") else task.no_sync()
+        step_kwargs = {} if momentum is None else {"update_momentum": i == 0, "enqueue": False}
+        with sync_grads:
+            with record_function("albef.forward"), autocast_context(cfg.train.precision, device):
                 out = task(
                     mb["image"], mb["input_ids"], mb["attention_mask"], alpha=alpha, generator=generator,
                     **{k: mb[k] for k in FORWARD_KEYS + row_keys if k in mb}, **step_kwargs,
                 )
-            (out["loss"] * weight).backward()
-        scalars = {
-            k: v.detach().float().reshape(()) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1
-        }
-        values = torch.stack(list(scalars.values())).tolist()  # one device sync per micro-batch
-        for key, value in zip(scalars, values):
-            sums[key] = sums.get(key, 0.0) + weight * value
-        loss_finite &= math.isfinite(sums["loss"])
+            with record_function("albef.backward"):
+                (out["loss"] * weight).backward()
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = weight * v.detach().float().reshape(())
+                sums[k] = sums[k] + v if k in sums else v
 
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-    finite = loss_finite and bool(torch.isfinite(grad_norm)) and (momentum is None or momentum.pending_finite())
-    skipped = not all_ranks_agree(finite, device)
-    if skipped:
-        optimizer.zero_grad(set_to_none=True)
+    with record_function("albef.optimizer"):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros((), device=device)
+        finite = torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)
         if momentum is not None:
-            momentum.discard()
-    else:
-        if cfg.optim.grad_clip is not None:
+            finite = finite & momentum.pending_finite(device)
+        finite = all_ranks_agree(finite)  # every rank applies the step or none does
+        if cfg.optim.grad_clip is not None:  # a non-finite norm spoils the gradients of a skipped step only
             torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.grad_clip, grad_norm)
-        optimizer.step()
-        if momentum is not None:
-            momentum.commit()
-            momentum.ema_due = True
-    return {**sums, "lr": lr, "alpha": alpha, "grad_norm": float(grad_norm), "skipped": float(skipped)}
+        optimizer_step_if(optimizer, finite)
+    if momentum is not None:
+        momentum.commit(applied=finite)
+        momentum.ema_due = finite  # the weights moved: the next step starts with an EMA
+    metrics: dict[str, object] = {**sums, "grad_norm": grad_norm.detach().float(), "skipped": (~finite).float()}
+    if sync:
+        metrics = materialise([metrics])[0]
+    return {**metrics, "lr": lr, "alpha": alpha}
 
 
 def format_metrics(step: int, total: int, metrics: Mapping[str, float]) -> str:
@@ -246,18 +276,20 @@ def run_local(
             for i, batch in enumerate(batches):
                 if i >= schedule.steps_per_epoch or step >= stop:
                     break
-                metrics = train_step(task, optimizer, to_device(batch, device), step, cfg, schedule, generator)
+                # Metrics stay on the device until the logging interval: no sync per step.
+                metrics = train_step(task, optimizer, to_device(batch, device), step, cfg, schedule, generator, sync=False)
                 history.append({**metrics, "step": float(step), "epoch": float(epoch)})
                 window.add(metrics)
                 step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
                 if step % cfg.train.log_every_steps == 0 or step == stop:
                     summary = window.flush()
                     summary["s_per_step"] = (time.perf_counter() - start) / step
+                    bar.set_postfix(loss=f"{summary['loss']:.3f}", refresh=False)
                     log_fn(format_metrics(step, stop, summary))
             if step >= stop:
                 break
+    history = materialise(history)
     skipped = int(sum(h["skipped"] for h in history))
     if skipped:
         log.warning("%d of %d steps were skipped for a non-finite loss or gradient", skipped, step)

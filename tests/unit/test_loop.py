@@ -1,5 +1,6 @@
 """The training step (skips, accumulation, autocast) and the local loop on generated batches."""
 
+import contextlib
 import copy
 import subprocess
 import sys
@@ -12,9 +13,11 @@ from torch import nn
 
 from albef_ray.config import load_config
 from albef_ray.model.albef import build_model
+from albef_ray.model.momentum import MomentumEncoder
 from albef_ray.objectives.mlm import IGNORE
 from albef_ray.objectives.pretrain import PretrainTask
-from albef_ray.train.loop import Schedule, run_local, split_batch, train_step
+from albef_ray.train.loop import Schedule, optimizer_step_if, run_local, split_batch, train_step
+from albef_ray.train.metrics import NonFiniteRun, materialise
 from albef_ray.train.optim import build_optimizer
 from albef_ray.synth.tensors import SyntheticSpec, synthetic_batches
 from tests.conftest import make_batch, tiny_cfg
@@ -58,8 +61,11 @@ def test_non_finite_loss_skips_the_step(factor):
     assert metrics["skipped"] == 1.0
     after = bad.module.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not opt.state  # AdamW moments untouched
-    assert all(p.grad is None for p in bad.parameters())
+    # AdamW untouched: the fused kernel skipped on the device verdict (its state may exist, at
+    # step 0 with zero moments, exactly as before any step)
+    for state in opt.state.values():
+        assert float(state["step"]) == 0.0
+        assert not state["exp_avg"].any() and not state["exp_avg_sq"].any()
 
     bad.factor = 1.0  # the same optimizer then steps normally
     metrics = train_step(bad, opt, _batch(), 1, cfg, SCHEDULE)
@@ -289,3 +295,110 @@ def test_schedule_needs_steps_per_epoch_for_unsized_batches():
 def test_training_code_does_not_import_ray():
     code = "import sys, albef_ray.cli, albef_ray.train.loop; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- no host sync
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    """Every Python-level read of a tensor's value (item, tolist, bool, float, int) raises."""
+    names = ("item", "tolist", "__bool__", "__float__", "__int__")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def refuse(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"host read inside the step: Tensor.{name} of shape {tuple(self.shape)}")
+
+        return read
+
+    for n in names:
+        setattr(torch.Tensor, n, refuse(n))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def test_step_without_sync_reads_no_tensor_back_to_the_host():
+    cfg = tiny_cfg(optim={"grad_clip": 1.0, "grad_accum": 2})
+    task = _task(cfg).train()
+    opt = build_optimizer(task, cfg.optim)
+    batches = [_batch(seed=s) for s in range(3)]
+    train_step(task, opt, batches[0], 0, cfg, SCHEDULE)  # step 0: the EMA flag becomes a device tensor
+    with _no_host_reads():
+        out = train_step(task, opt, batches[1], 1, cfg, SCHEDULE, torch.Generator().manual_seed(0), sync=False)
+        with pytest.raises(AssertionError, match="host read"):  # the guard itself works
+            float(out["loss"])
+    assert isinstance(out["loss"], torch.Tensor) and out["loss"].dim() == 0
+    assert isinstance(out["skipped"], torch.Tensor) and float(out["skipped"]) == 0.0
+
+
+def test_sync_flag_changes_only_the_type_of_the_metrics():
+    cfg = tiny_cfg(train={"precision": "fp32"})
+    runs = []
+    for sync in (True, False):
+        task = _task(cfg).train()
+        opt = build_optimizer(task, cfg.optim)
+        rows = [train_step(task, opt, _batch(seed=s), s, cfg, SCHEDULE, torch.Generator().manual_seed(s), sync=sync)
+                for s in range(3)]
+        runs.append((materialise(rows), task.state_dict()))
+    (rows_a, state_a), (rows_b, state_b) = runs
+    assert rows_a == rows_b
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_optimizer_step_if_skips_on_the_device_verdict_and_falls_back_without_fused():
+    for fused in (True, False):
+        p = nn.Parameter(torch.ones(3))
+        opt = torch.optim.AdamW([p], lr=0.1, fused=fused) if fused else torch.optim.SGD([p], lr=0.1)
+        p.grad = torch.ones(3)
+        optimizer_step_if(opt, torch.tensor(False))
+        assert torch.equal(p.detach(), torch.ones(3))
+        assert all(float(s.get("step", 0)) == 0 for s in opt.state.values())
+        optimizer_step_if(opt, torch.tensor(True))
+        assert (p.detach() < 1).all()
+        assert not hasattr(opt, "found_inf")  # the verdict does not stay on the optimizer
+
+
+def test_gated_queue_write_and_ema_equal_the_plain_ones_or_leave_everything_as_it_was():
+    torch.manual_seed(0)
+    model = build_model("albef_tiny")
+    feats = [F.normalize(torch.randn(4, 256), dim=1) for _ in range(2)]
+    index = torch.arange(4)
+    plain, gated, refused = (MomentumEncoder(model, 0.9, 8, index_queue=True) for _ in range(3))
+    for enc in (gated, refused):
+        enc.load_state_dict(plain.state_dict())
+    for _ in range(3):  # wraps around the 8-slot queue
+        plain.enqueue(*feats, index=index)
+        gated.enqueue(*feats, index=index, applied=torch.tensor(True))
+        refused.enqueue(*feats, index=index, applied=torch.tensor(False))
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, gated.state_dict()[k]), k
+    assert int(refused.queue_ptr) == 0 and not torch.equal(refused.image_queue, plain.image_queue)
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    before = copy.deepcopy(refused.model.state_dict())
+    refused.ema_due = torch.tensor(False)
+    refused.update(model)
+    assert all(torch.equal(v, refused.model.state_dict()[k]) for k, v in before.items())
+    gated.ema_due = torch.tensor(True)
+    gated.update(model)
+    plain.update(model)
+    for k, v in plain.model.state_dict().items():
+        torch.testing.assert_close(gated.model.state_dict()[k], v, rtol=0, atol=1e-7, msg=k)
+
+
+def test_non_finite_run_counts_the_longest_run_between_reads():
+    run = NonFiniteRun()
+    for skipped in (0.0, 1.0, 1.0, 1.0, 0.0, 1.0):
+        run.add(torch.tensor(skipped))
+    assert run.read() == (1, 3)  # 3 in a row, then a good step, then 1 still running
+    run.add(torch.tensor(1.0))
+    assert run.read() == (2, 2)
+    resumed = NonFiniteRun(2)  # a checkpoint's count carries on
+    resumed.add(1.0)
+    assert resumed.read() == (3, 3)

@@ -41,8 +41,8 @@ def test_stream_position_with_other_workers_is_an_estimate_with_a_warning(tmp_pa
 
 
 def test_agreed_batches_on_one_worker_end_with_the_stream():
-    assert list(_agreed(iter([1, 2, 3]), "cpu", world=1)) == [1, 2, 3]
-    assert list(_agreed(iter([]), "cpu", world=1)) == []
+    assert list(_agreed(iter([1, 2, 3]), world=1)) == [1, 2, 3]
+    assert list(_agreed(iter([]), world=1)) == []
 
 
 def test_generated_tensors_need_steps_per_epoch():
