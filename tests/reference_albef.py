@@ -154,14 +154,14 @@ class ReferencePretrainStep(nn.Module):
 
     def _mask(self, ids):
         ids, labels = ids.clone(), ids.clone()
-        masked = torch.bernoulli(torch.full(ids.shape, self.p)).bool()
+        masked = torch.bernoulli(torch.full(ids.shape, self.p, device=ids.device)).bool()
         masked[ids == 0] = False
         masked[ids == 101] = False
         labels[~masked] = -100
-        replaced = torch.bernoulli(torch.full(ids.shape, 0.8)).bool() & masked
+        replaced = torch.bernoulli(torch.full(ids.shape, 0.8, device=ids.device)).bool() & masked
         ids[replaced] = 103
-        rand = torch.bernoulli(torch.full(ids.shape, 0.5)).bool() & masked & ~replaced
-        ids[rand] = torch.randint(self.vocab, ids.shape)[rand]
+        rand = torch.bernoulli(torch.full(ids.shape, 0.5, device=ids.device)).bool() & masked & ~replaced
+        ids[rand] = torch.randint(self.vocab, ids.shape, device=ids.device)[rand]
         return ids, labels
 
     def forward(self, image, ids, att, alpha=0.4, mlm_input=None, itm_negatives=None):
@@ -181,7 +181,7 @@ class ReferencePretrainStep(nn.Module):
             image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone()], dim=1)
             text_feat_m = F.normalize(n.text_proj_m(n.text_encoder_m.bert("text", att, input_ids=ids)[:, 0]), dim=-1)
             text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone()], dim=1)
-            sim_targets = torch.zeros(image.shape[0], image_feat_all.shape[1])
+            sim_targets = torch.zeros(image.shape[0], image_feat_all.shape[1], device=image.device)
             sim_targets.fill_diagonal_(1)
             t_i2t = alpha * F.softmax(image_feat_m @ text_feat_all / n.temp, 1) + (1 - alpha) * sim_targets
             t_t2i = alpha * F.softmax(text_feat_m @ image_feat_all / n.temp, 1) + (1 - alpha) * sim_targets
@@ -210,7 +210,7 @@ class ReferencePretrainStep(nn.Module):
         out_neg = n.text_encoder.bert("fusion", torch.cat([att, att_neg]), encoder_embeds=torch.cat([text_embeds, text_neg]),
                                       encoder_hidden_states=torch.cat([image_neg, image_embeds]))
         vl = n.itm_head(torch.cat([out_pos[:, 0], out_neg[:, 0]]))
-        loss_itm = F.cross_entropy(vl, torch.cat([torch.ones(bs), torch.zeros(2 * bs)]).long())
+        loss_itm = F.cross_entropy(vl, torch.cat([torch.ones(bs), torch.zeros(2 * bs)]).long().to(vl.device))
 
         masked, labels = self._mask(ids) if mlm_input is None else mlm_input
         with torch.no_grad():
