@@ -96,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="experiments/finetune_grounding_synth.yaml")
     parser.add_argument("--checkpoint", required=True, help="pretrained weights (model.checkpoint)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="fine-tuning seeds (none: evaluate the checkpoint only)")
     parser.add_argument("--blank", action="store_true", help="also fine-tune each seed on blank images")
     parser.add_argument("--splits", nargs="+", default=["val", "testA", "testB"])
     parser.add_argument("--skip-pretrained", action="store_true", help="do not evaluate the checkpoint as it is")
@@ -131,7 +131,8 @@ def main() -> None:
             kind = "grounding fine-tuned" + (" on blank images" if blank else "")
             record({"run": kind, "seed": seed, "s_per_step": round(s_per_step, 3),
                     **evaluate(task, seed_cfg, tokenizer, args.splits)})
-    print(summary(rows, args.splits))
+    if rows:
+        print(summary(rows, args.splits))
 
 
 if __name__ == "__main__":
