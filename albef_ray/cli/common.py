@@ -43,6 +43,25 @@ def add_resume_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="NAME", help=RESUME_HELP)
 
 
+def add_run_id_arg(parser: argparse.ArgumentParser) -> None:
+    """Add ``--run-id ID`` to an eval command (the MLflow run its metrics go to)."""
+    parser.add_argument("--run-id", metavar="ID", help="log into this MLflow run instead of the checkpoint's")
+
+
+def log_eval_metrics(args: argparse.Namespace, cfg: AlbefConfig, metrics: dict, weights, kind: str,
+                     prefix: str | None = None) -> None:
+    """With ``tracking.enabled``: log an eval command's metrics to MLflow (the checkpoint's training
+    run when its run directory names one, else ``--run-id`` or a run of their own) and say where."""
+    if not cfg.tracking.enabled:
+        return
+    from ..eval.checkpoint import checkpoint_step
+    from ..eval.tracking import log_eval
+
+    step = checkpoint_step(weights) if weights is not None and weights.name == "state.pt" else None
+    uri, run_id = log_eval(cfg, metrics, weights, getattr(args, "run_id", None), step, prefix, kind=kind)
+    print(f"MLflow run {run_id} in {uri}" + (f" ({prefix})" if prefix else ""))
+
+
 def load(args: argparse.Namespace) -> AlbefConfig:
     """The command's validated config: defaults <- ``--config`` <- overrides <- ``--resume``.
 

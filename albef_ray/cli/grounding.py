@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import add_config_args, add_resume_arg, eval_inputs, finetune_task, load
+from .common import add_config_args, add_resume_arg, add_run_id_arg, eval_inputs, finetune_task, load, log_eval_metrics
 
 CHECKPOINT_HELP = (
     "an albef-ray checkpoint directory (state.pt), a run directory (its latest checkpoint_*) or a .pth file "
@@ -43,7 +43,8 @@ def register(finetune: argparse._SubParsersAction, evaluate: argparse._SubParser
         "compute its Grad-CAM heat map (grounding.variants: itm, itc), score each proposal box by the map's sum "
         "inside it over area**grounding.box_alpha, and count the best box correct at IoU >= "
         "grounding.iou_threshold with the referred box. Prints accuracy (percent) per split beside a random "
-        "proposal (expected accuracy) and the largest proposal; writes --out and, with --heatmaps, figures.",
+        "proposal (expected accuracy) and the largest proposal; writes --out and, with --heatmaps, figures; "
+        "logs each split's accuracies to MLflow (tracking.enabled).",
     )
     add_config_args(accuracy, required=True)
     accuracy.add_argument("--checkpoint", metavar="PATH", help=f"{CHECKPOINT_HELP} (default: model.checkpoint)")
@@ -52,6 +53,7 @@ def register(finetune: argparse._SubParsersAction, evaluate: argparse._SubParser
         "--heatmaps", metavar="DIR",
         help="write the figures of each split's first grounding.heatmaps expressions to DIR/<split>/ (PNG)",
     )
+    add_run_id_arg(accuracy)
     accuracy.set_defaults(func=_evaluate)
 
 
@@ -115,4 +117,6 @@ def _evaluate(args: argparse.Namespace) -> int:
                   "iou_threshold": cfg.grounding.iou_threshold, "splits": results}
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
         print(f"metrics: {args.out}")
+    for split, metrics in results.items():
+        log_eval_metrics(args, cfg, metrics, weights, "grounding", prefix=split)
     return 0

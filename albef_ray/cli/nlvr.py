@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import add_config_args, add_resume_arg, eval_inputs, finetune_task, load
+from .common import add_config_args, add_resume_arg, add_run_id_arg, eval_inputs, finetune_task, load, log_eval_metrics
 
 CHECKPOINT_HELP = (
     "weights to start from (sets model.checkpoint): an albef-ray checkpoint directory, a run directory "
@@ -61,7 +61,8 @@ def register(finetune: argparse._SubParsersAction, evaluate: argparse._SubParser
         "nlvr", help="NLVR2 accuracy on eval.split",
         description="Judge every (statement, left image, right image) of eval.split (eval.shards, else "
         "data.shards) with the checkpoint's classifier; report the accuracy (percent) and the forward time "
-        "per pair. Prints the metrics, writes --out and, with --predictions, one JSON line per statement.",
+        "per pair. Prints the metrics, writes --out and, with --predictions, one JSON line per statement; logs to "
+        "MLflow (tracking.enabled).",
     )
     add_config_args(accuracy, required=True)
     accuracy.add_argument(
@@ -71,6 +72,7 @@ def register(finetune: argparse._SubParsersAction, evaluate: argparse._SubParser
     )
     accuracy.add_argument("--out", metavar="FILE", help="write the metrics as JSON to FILE")
     accuracy.add_argument("--predictions", metavar="FILE", help="write each statement's prediction as JSON lines")
+    add_run_id_arg(accuracy)
     accuracy.set_defaults(func=_evaluate)
 
 
@@ -118,4 +120,5 @@ def _evaluate(args: argparse.Namespace) -> int:
     if predictions is not None:
         Path(args.predictions).write_text("".join(json.dumps(p) + "\n" for p in predictions))
         print(f"predictions: {args.predictions}")
+    log_eval_metrics(args, cfg, metrics, weights, "nlvr")
     return 0

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import add_config_args, add_resume_arg, eval_inputs, finetune_task, load
+from .common import add_config_args, add_resume_arg, add_run_id_arg, eval_inputs, finetune_task, load, log_eval_metrics
 
 
 def register(finetune: argparse._SubParsersAction, evaluate: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def register(finetune: argparse._SubParsersAction, evaluate: argparse._SubParser
         "ve", help="SNLI-VE accuracy on eval.split",
         description="Classify every (image, hypothesis) pair of eval.split (eval.shards, else data.shards) "
         "with the checkpoint's classifier and report the accuracy (percent) overall and per true label. "
-        "Prints the metrics and writes --out.",
+        "Prints the metrics, writes --out, and logs to MLflow (tracking.enabled).",
     )
     add_config_args(accuracy, required=True)
     accuracy.add_argument(
@@ -49,6 +49,7 @@ def register(finetune: argparse._SubParsersAction, evaluate: argparse._SubParser
         "the released ve.pth (default: model.checkpoint)",
     )
     accuracy.add_argument("--out", metavar="FILE", help="write the metrics as JSON to FILE")
+    add_run_id_arg(accuracy)
     accuracy.set_defaults(func=_evaluate)
 
 
@@ -90,4 +91,5 @@ def _evaluate(args: argparse.Namespace) -> int:
         record = {"split": cfg.eval.split, "checkpoint": str(weights) if weights else None, "step": step, **metrics}
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
         print(f"metrics: {args.out}")
+    log_eval_metrics(args, cfg, metrics, weights, "ve")
     return 0

@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from .common import add_config_args, add_resume_arg, finetune_task, load
+from .common import add_config_args, add_resume_arg, add_run_id_arg, finetune_task, load, log_eval_metrics
 
 CHECKPOINT_HELP = (
     "an albef-ray checkpoint directory, a run directory (its latest checkpoint) or a .pth file "
@@ -48,6 +48,7 @@ def register(finetune: argparse._SubParsersAction, evaluate: argparse._SubParser
     ev.add_argument("--checkpoint", metavar="PATH", help="default: model.checkpoint; " + CHECKPOINT_HELP)
     ev.add_argument("--results", metavar="FILE", help="result file (default: vqa_result_<split>.json)")
     ev.add_argument("--out", metavar="FILE", help="also write the metrics as JSON to FILE")
+    add_run_id_arg(ev)
     ev.set_defaults(func=_evaluate)
 
 
@@ -84,4 +85,5 @@ def _evaluate(args: argparse.Namespace) -> int:
         record = {"split": cfg.eval.split, "checkpoint": str(weights) if weights else None, **metrics}
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
         print(f"metrics: {args.out}")
+    log_eval_metrics(args, cfg, metrics, weights, "vqa")
     return 0

@@ -31,23 +31,26 @@ def find_run_dir(checkpoint: str | Path | None) -> Path | None:
     return None
 
 
-def log_retrieval(
+def log_eval(
     cfg: AlbefConfig,
     metrics: dict[str, float],
     checkpoint: str | Path | None = None,
     run_id: str | None = None,
     step: int | None = None,
     prefix: str | None = None,
+    kind: str = "retrieval",
 ) -> tuple[str, str]:
-    """Log ``metrics`` of ``cfg.eval.split`` to MLflow; returns (tracking URI, run id).
+    """Log an evaluation's ``metrics`` to MLflow; returns (tracking URI, run id).
 
     Args:
         cfg: ``tracking.*`` (URI, experiment) and ``eval.*`` (logged as tags).
-        metrics: from :func:`~albef_ray.eval.evaluate_checkpoint`.
+        metrics: name -> number (non-numbers are kept in the JSON artifact only).
         checkpoint: the evaluated checkpoint; its run directory names the training run.
         run_id: log into this run instead of the checkpoint's (e.g. ``--run-id``).
         step: the checkpoint's optimizer step (default 0).
         prefix: metric prefix (default ``eval.split``: ``test/txt_r1``); a sweep's stages use theirs.
+        kind: the evaluation (``retrieval``, ``ve``, ``nlvr``, ``vqa``, ``grounding``): names the
+            JSON artifact ``<kind>_<prefix>.json``; retrieval also tags ``k_test`` and ``score``.
     """
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -59,23 +62,28 @@ def log_retrieval(
     if run_id is None and run_dir is not None:
         run_id = (run_dir / RUN_ID_FILE).read_text().strip()
     own_run = run_id is None
+    split = prefix or cfg.eval.split
     if own_run:
         tags = {"kind": "eval", "model.size": cfg.model.size, **cfg.tracking.tags}
         with tempfile.TemporaryDirectory() as scratch:  # open_run's resume marker is not wanted here
-            run_id = open_run(cfg, uri, Path(scratch), f"{cfg.name}-eval-{cfg.eval.split}", tags)
-    split = prefix or cfg.eval.split
+            run_id = open_run(cfg, uri, Path(scratch), f"{cfg.name}-eval-{split}", tags)
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"{split}/{k}", float(v), now, step or 0) for k, v in metrics.items()])
-    for key, value in {
-        f"eval.{split}.checkpoint": str(checkpoint) if checkpoint else "initial weights",
-        f"eval.{split}.k_test": str(cfg.eval.k_test),
-        f"eval.{split}.score": cfg.eval.score,
-    }.items():
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    client.log_batch(run_id, metrics=[Metric(f"{split}/{k}", v, now, step or 0) for k, v in numbers.items()])
+    tags = {f"eval.{split}.checkpoint": str(checkpoint) if checkpoint else "initial weights"}
+    if kind == "retrieval":
+        tags.update({f"eval.{split}.k_test": str(cfg.eval.k_test), f"eval.{split}.score": cfg.eval.score})
+    for key, value in tags.items():
         client.set_tag(run_id, key, value)
     with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / f"retrieval_{split}.json"
+        path = Path(scratch) / f"{kind}_{split}.json"
         path.write_text(json.dumps({"split": split, "checkpoint": str(checkpoint), "step": step, **metrics}, indent=2))
         client.log_artifact(run_id, str(path))
     if own_run:
         client.set_terminated(run_id, status="FINISHED")
     return uri, run_id
+
+
+def log_retrieval(cfg, metrics, checkpoint=None, run_id=None, step=None, prefix=None) -> tuple[str, str]:
+    """:func:`log_eval` of retrieval metrics (the tags ``k_test`` and ``score`` included)."""
+    return log_eval(cfg, metrics, checkpoint, run_id, step, prefix, kind="retrieval")

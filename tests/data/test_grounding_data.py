@@ -270,3 +270,11 @@ def test_train_steps_evaluation_heatmaps_in_mlflow_and_eval_cli(tmp_path, capsys
     record = json.loads((tmp_path / "m.json").read_text())
     assert set(record["splits"]) == {"val", "testA", "testB"} and record["splits"]["testB"]["num_refs"] == 2
     assert len(list((tmp_path / "heat").glob("*/*.png"))) == 3
+    # every split's accuracies went to MLflow (the store under run.storage_path: no training run named)
+    store = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    evals = store.search_runs([store.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                              filter_string="tags.kind = 'eval'")
+    assert len(evals) == 3 and all(r.info.status == "FINISHED" for r in evals)
+    logged = {k: v for r in evals for k, v in r.data.metrics.items()}
+    for name in ("val", "testA", "testB"):
+        assert logged[f"{name}/acc_itm"] == pytest.approx(record["splits"][name]["acc_itm"])

@@ -208,3 +208,15 @@ def test_a_few_training_steps_and_the_evaluation_run(synth_ve, tmp_path):
                  "--out", str(out), "tracking.enabled=false"]) == 0
     record = json.loads(out.read_text())
     assert record["ve_acc"] == pytest.approx(result["ve_acc"]) and record["num_examples"] == 24
+
+    # with tracking on, the metrics land in MLflow (a run of their own: the file names no training run)
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["eval", "ve", "--config", str(tmp_path / "ve.yaml"), "--checkpoint", str(tmp_path / "state.pt"),
+                 "tracking.enabled=true", f"tracking.tracking_uri={uri}"]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert run.data.metrics["test/ve_acc"] == pytest.approx(result["ve_acc"])
+    assert run.data.metrics["test/num_examples"] == 24 and run.info.status == "FINISHED"
+    assert "ve_test.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
