@@ -186,6 +186,9 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(
         1024, ge=0, description="Rows permuted together: whole blocks, one decode task (0 = one block)."
     )
+    normalize_on_device: bool = Field(
+        True, description="Training on a GPU: images reach it as uint8 and are normalised there (same values)."
+    )
 
     @model_validator(mode="after")
     def _check_crop_scale(self) -> "DataConfig":

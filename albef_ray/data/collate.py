@@ -18,6 +18,12 @@ Downstream-task columns, only when the input has them (:data:`~albef_ray.data.sc
     answer_mask     int64   (B, K, A)      0 on padding (a padded answer is all 0)
     answer_weights  float32 (B, K)         each answer's weight; 0 for padded answers
 
+Captions arrive as text (``caption``, tokenised here) or already tokenised by the decode
+task (:func:`pretokenize`: ``input_ids`` padded to ``max_text_len`` and ``num_tokens``; here
+they are cut to the batch's longest, which is what tokenising the batch gives). With
+``normalized=False`` ``image`` stays ``uint8`` (B, 3, R, R), to be normalised where it is used
+(:func:`~albef_ray.data.transforms.normalize` on the GPU).
+
 ``num_dropped`` adds up two sources: rows flagged ``valid == False`` in the input batch (removed
 here), and a ``num_dropped`` column already counted upstream (the Ray pipeline drops
 undecodable rows before batching so that training batches stay full; see
@@ -67,13 +73,40 @@ def tokenize(
     return input_ids, attention_mask
 
 
-def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
+def pretokenize(
+    tokenizer, captions: Sequence[str], max_text_len: int, append_sep: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`tokenize` per row, for a decode task: ids padded to ``max_text_len``, and lengths.
+
+    :func:`collate_batch` cuts a batch of such rows to its longest (:func:`trim_tokens`), which
+    gives exactly :func:`tokenize` of the batch's captions.
+
+    Returns:
+        ``input_ids`` int32 (N, max_text_len) (pad id after each row's tokens) and
+        ``num_tokens`` int32 (N,).
+    """
+    ids, mask = tokenize(tokenizer, captions, max_text_len, append_sep)
+    full = np.full((len(captions), max_text_len), tokenizer.pad_token_id, dtype=np.int32)
+    full[:, : ids.shape[1]] = ids.numpy()
+    return full, mask.sum(1).numpy().astype(np.int32)
+
+
+def trim_tokens(input_ids: np.ndarray, num_tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of :func:`pretokenize` -> ``input_ids``, ``attention_mask`` int64 (B, T), T = the longest."""
+    lengths = np.asarray(num_tokens, dtype=np.int64)
+    width = int(lengths.max()) if len(lengths) else 0
+    ids = torch.from_numpy(np.asarray(input_ids)[:, :width].astype(np.int64))
+    mask = torch.from_numpy((np.arange(width) < lengths[:, None]).astype(np.int64))
+    return ids, mask
+
+
+def _images_to_tensor(images: np.ndarray, normalized: bool = True) -> torch.Tensor:
     images = np.ascontiguousarray(images)
     if images.dtype != np.uint8:  # already normalised (e.g. by pretrain_transform): a writable copy
         return torch.tensor(images, dtype=torch.float32)
     with warnings.catch_warnings():  # Ray hands out read-only arrays; normalize only reads it
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        return normalize(torch.from_numpy(images))
+        return normalize(torch.from_numpy(images)) if normalized else torch.from_numpy(images.copy())
 
 
 def collate_batch(
@@ -82,40 +115,49 @@ def collate_batch(
     max_text_len: int,
     max_words: int | None = None,
     append_sep: bool = False,
+    normalized: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Turn a numpy batch into model inputs, dropping and counting invalid rows.
 
     Args:
-        batch: ``image`` (N, 3, R, R) uint8 or float32, ``caption`` (N,) strings; optional
-            ``valid`` (N,) bool (False rows are dropped and counted) and ``num_dropped``
-            (N,) int (counts from upstream, summed).
+        batch: ``image`` (N, 3, R, R) uint8 or float32, and ``caption`` (N,) strings or
+            :func:`pretokenize`'s ``input_ids`` and ``num_tokens``; optional ``valid`` (N,)
+            bool (False rows are dropped and counted) and ``num_dropped`` (N,) int (counts
+            from upstream, summed).
         tokenizer: a Hugging Face fast tokenizer.
         max_text_len: token limit.
         max_words: clean captions with :func:`pre_caption` at this word limit first;
             ``None`` when they were cleaned upstream.
         append_sep: end captions with [SEP] (see :func:`tokenize`).
+        normalized: normalise uint8 images to float32 here; False: ``image`` (and
+            ``image2``) stay uint8 for the caller to normalise (on its device).
 
     Returns:
         ``image``, ``input_ids``, ``attention_mask``, ``num_dropped``, and ``image_idx`` when
         the batch has that column (see the module doc).
     """
     images = batch["image"]
-    captions = batch["caption"]
+    pretokenized = "input_ids" in batch
+    captions = (batch["input_ids"], batch["num_tokens"]) if pretokenized else batch["caption"]
     image_idx = np.asarray(batch["image_idx"], dtype=np.int64) if "image_idx" in batch else None
     task = {k: batch[k] for k in ("label", "image2", "answers", "answer_weights") if k in batch}
     dropped = int(np.asarray(batch["num_dropped"]).sum()) if "num_dropped" in batch else 0
     if "valid" in batch:
         valid = np.asarray(batch["valid"], dtype=bool)
         dropped += int((~valid).sum())
-        images, captions = images[valid], np.asarray(captions, dtype=object)[valid]
+        images = images[valid]
+        captions = tuple(np.asarray(c)[valid] for c in captions) if pretokenized else np.asarray(captions, dtype=object)[valid]
         image_idx = None if image_idx is None else image_idx[valid]
         task = {k: np.asarray(v)[valid] for k, v in task.items()}
-    texts = [str(c) for c in captions]
-    if max_words is not None:
-        texts = [pre_caption(c, max_words) for c in texts]
-    input_ids, attention_mask = tokenize(tokenizer, texts, max_text_len, append_sep)
+    if pretokenized:
+        input_ids, attention_mask = trim_tokens(*captions)
+    else:
+        texts = [str(c) for c in captions]
+        if max_words is not None:
+            texts = [pre_caption(c, max_words) for c in texts]
+        input_ids, attention_mask = tokenize(tokenizer, texts, max_text_len, append_sep)
     out = {
-        "image": _images_to_tensor(images),
+        "image": _images_to_tensor(images, normalized),
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "num_dropped": torch.tensor(dropped, dtype=torch.int64),
@@ -125,7 +167,7 @@ def collate_batch(
     if "label" in task:
         out["label"] = torch.as_tensor(np.asarray(task["label"], dtype=np.int64))
     if "image2" in task:
-        out["image2"] = _images_to_tensor(task["image2"])
+        out["image2"] = _images_to_tensor(task["image2"], normalized)
     if "answers" in task:
         weights = task.get("answer_weights")
         out.update(tokenize_answers(tokenizer, list(task["answers"]), None if weights is None else list(weights)))
@@ -173,13 +215,18 @@ class CaptionCollator:
         max_text_len: token limit.
         max_words: see :func:`collate_batch`.
         append_sep: ``data.append_sep``, see :func:`tokenize`.
+        normalized: see :func:`collate_batch`.
     """
 
-    def __init__(self, tokenizer: str, max_text_len: int = 25, max_words: int | None = None, append_sep: bool = False):
+    def __init__(
+        self, tokenizer: str, max_text_len: int = 25, max_words: int | None = None, append_sep: bool = False,
+        normalized: bool = True,
+    ):
         self.tokenizer_name = tokenizer
         self.max_text_len = max_text_len
         self.max_words = max_words
         self.append_sep = append_sep
+        self.normalized = normalized
         self._tokenizer: Any = None
 
     @property
@@ -193,4 +240,6 @@ class CaptionCollator:
         return {**self.__dict__, "_tokenizer": None}
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return collate_batch(batch, self.tokenizer, self.max_text_len, self.max_words, self.append_sep)
+        # A pre-tokenised batch needs no tokenizer: none is loaded where only such batches arrive.
+        tokenizer = None if "input_ids" in batch and "answers" not in batch else self.tokenizer
+        return collate_batch(batch, tokenizer, self.max_text_len, self.max_words, self.append_sep, self.normalized)

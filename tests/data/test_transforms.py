@@ -10,7 +10,13 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from albef_ray.data.collate import CaptionCollator, collate_batch, load_tokenizer, tokenize
+from albef_ray.data.collate import (
+    CaptionCollator,
+    collate_batch,
+    load_tokenizer,
+    pretokenize,
+    tokenize,
+)
 from albef_ray.data.randaugment import ALBEF_OPS, OPS, apply_op, rand_augment
 from albef_ray.data.transforms import (
     MEAN,
@@ -279,6 +285,41 @@ def test_collator_cleans_captions_pickles_without_its_tokenizer_and_passes_float
     assert int(out["num_dropped"]) == 0 and torch.equal(out["image"], torch.from_numpy(images))
     clone = pickle.loads(pickle.dumps(collate))
     assert clone._tokenizer is None and torch.equal(clone({"image": images, "caption": np.array(["a", "b"])})["image"], out["image"])
+
+
+def test_normalize_looks_up_the_same_float32_values_as_the_arithmetic():
+    from albef_ray.data.transforms import _SCALE, _SHIFT
+
+    x = torch.randint(0, 256, (2, 4, 3, 9, 7), dtype=torch.uint8)
+    for images in (x, x[:, 1], x.transpose(-1, -2)):  # batched, one level, non-contiguous
+        flat = images.reshape(-1, *images.shape[-3:])
+        expected = torch.stack([img.float().mul(_SCALE).add(_SHIFT) for img in flat]).view(images.shape)
+        assert torch.equal(normalize(images), expected)
+    assert torch.equal(normalize(x.float()), normalize(x))  # float input: computed
+
+
+def test_pretokenized_rows_collate_as_tokenising_the_batch(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    captions = ["a red circle", "a small blue square left of the large green circle and a red one", "circle"]
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 8, 8), dtype=np.uint8)
+    for sep in (False, True):
+        ids, lengths = pretokenize(tok, captions, 10, sep)
+        assert ids.shape == (3, 10) and ids.dtype == lengths.dtype == np.int32
+        for rows in ([0, 1, 2], [0, 2], [2], []):
+            text = collate_batch({"image": images[rows], "caption": np.array(captions, dtype=object)[rows]}, tok, 10, append_sep=sep)
+            pre = collate_batch({"image": images[rows], "input_ids": ids[rows], "num_tokens": lengths[rows]}, None, 10)
+            assert set(pre) == set(text) and all(torch.equal(pre[k], text[k]) for k in text), (sep, rows)
+    valid = np.array([True, False, True])
+    pre = collate_batch({"image": images, "input_ids": ids, "num_tokens": lengths, "valid": valid}, None, 10)
+    assert int(pre["num_dropped"]) == 1 and torch.equal(pre["input_ids"], tokenize(tok, [captions[0], captions[2]], 10, True)[0])
+
+
+def test_collate_can_leave_images_uint8(tokenizer_dir):
+    images = np.random.default_rng(1).integers(0, 256, (2, 3, 8, 8), dtype=np.uint8)
+    images.flags.writeable = False  # as Ray hands them out
+    out = CaptionCollator(tokenizer_dir, 25, normalized=False)({"image": images, "caption": np.array(["a", "b"])})
+    assert out["image"].dtype == torch.uint8 and torch.equal(normalize(out["image"]), normalize(torch.from_numpy(images.copy())))
+    out["image"][0] = 0  # a copy of its own: the caller may write to it
 
 
 def test_collate_of_no_valid_rows(tokenizer_dir):
