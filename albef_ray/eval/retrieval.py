@@ -7,11 +7,13 @@ The procedure of the official ``Retrieval.py`` ``evaluation()``, computed differ
 2. ``sims = image_feat @ text_feat.T`` (cosine similarities); each image query keeps its
    ``k = eval.k_test`` most similar captions, each caption query its k most similar images.
 3. The (image, caption) pairs of both directions are pooled and de-duplicated (a pair in
-   both top-k lists is fused once), sorted by image, and fused ``eval.rerank_batch`` pairs
-   per call. Pairs of one image share its cross-attention keys and values through the
-   fusion encoder's ``image_index``; padding beyond the batch's longest caption is cut.
-   The official code instead makes one fusion call of k pairs per query (N_img + N_txt
-   calls), projecting a candidate image's keys and values again in every call.
+   both top-k lists is fused once) and scored by :func:`itm_scores`: each image's
+   cross-attention keys and values are projected once per fusion layer, the pairs are sorted
+   by caption length and fused ``eval.rerank_batch`` per call (padding beyond the call's
+   longest caption cut), the captions of one image attend to it together (no copy of its
+   keys and values per pair), and the last fusion layer computes only the [CLS] row the ITM
+   head reads. The official code instead makes one fusion call of k pairs per query
+   (N_img + N_txt calls), projecting a candidate image's keys and values again for every pair.
 4. A re-ranked entry scores the ITM "match" logit (``eval.score: itm``, as ALBEF) or that
    plus its ITC similarity (``itm_itc``, as BLIP); ``itc`` skips the re-rank (ITC alone, for
    models or ablations without a trained ITM head). Entries outside a query's top k keep
@@ -34,6 +36,7 @@ from ..config import AlbefConfig, ConfigError, EvalConfig
 from ..data.collate import tokenize
 from ..data.transforms import normalize
 from ..model.albef import ALBEF
+from ..model.text import group_queries
 from ..precision import autocast_context
 from .metrics import recall_metrics
 from .split import RetrievalSplit
@@ -96,6 +99,17 @@ def _itm_logits(model, text_hidden, attention_mask, image_tokens, image_index, p
     return model.itm_logits(fused[:, :1].float())[:, 1]  # head in fp32
 
 
+# Cross-attention keys/values (elements) of one image chunk held at a time: 2^28 is 1 GiB in
+# fp32, 50 images of albef_base at 384 px (6 layers x 577 tokens x 1,536).
+_KV_BUDGET = 2**28
+
+
+def _image_chunks(images: torch.Tensor, per_image: int) -> list[torch.Tensor]:
+    """Split the sorted distinct images into chunks whose keys/values fit in ``_KV_BUDGET``."""
+    size = max(1, _KV_BUDGET // max(per_image, 1))
+    return list(images.split(size))
+
+
 def itm_scores(
     model: ALBEF,
     image_tokens: torch.Tensor,
@@ -106,27 +120,48 @@ def itm_scores(
     batch_size: int,
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """ITM "match" logits of the pairs (image_idx[p], text_idx[p]), ``batch_size`` pairs per call.
+    """ITM "match" logits of the pairs (image_idx[p], text_idx[p]), in any order.
 
-    Within a call each distinct image is passed once and its pairs point at it through
-    ``image_index``, so its cross-attention keys and values are projected once, and captions
-    are cut to the call's longest: order the pairs by caption length, then image, to make the
-    most of both.
+    The pairs are scored chunk of images by chunk (as many as ``_KV_BUDGET`` allows). Each
+    image's cross-attention keys/values are projected once, for every fusion layer
+    (:meth:`~albef_ray.model.text.FusionEncoder.project_image`); the chunk's pairs are sorted
+    by caption length, then image, and fused ``batch_size`` per call with captions cut to the
+    call's longest. Within a call the captions of one image attend to it together
+    (:func:`~albef_ray.model.text.group_queries`: one copy of its keys/values, not one per
+    pair), and the last fusion layer computes [CLS] only, the row the ITM head reads.
 
     Returns:
         (P,) float32.
     """
     device = image_tokens.device
+    fusion = model.fusion
     out = torch.empty(image_idx.shape[0], dtype=torch.float32, device=device)
-    lengths = attention_mask.sum(dim=1)
-    for start in range(0, image_idx.shape[0], batch_size):
-        img = image_idx[start : start + batch_size]
-        txt = text_idx[start : start + batch_size]
-        images, local = torch.unique(img, return_inverse=True)  # (M,), (b,)
-        t = int(lengths[txt].max())  # right padding beyond the longest caption changes nothing
-        out[start : start + batch_size] = _itm_logits(
-            model, text_hidden[txt, :t], attention_mask[txt, :t], image_tokens[images], local, precision
-        )
+    # The plan (order, chunks, groups) is made on the host; only indices travel per call.
+    image_idx, text_idx = image_idx.cpu(), text_idx.cpu()
+    lengths = attention_mask.sum(dim=1).cpu()
+    images = torch.unique(image_idx)
+    per_image = len(fusion.layers) * image_tokens.shape[1] * 2 * model.arch.text_width
+    for chunk in _image_chunks(images, per_image):
+        in_chunk = torch.nonzero(torch.isin(image_idx, chunk)).squeeze(1)  # pairs of these images
+        local = torch.searchsorted(chunk, image_idx[in_chunk])  # image row within the chunk
+        order = torch.argsort(lengths[text_idx[in_chunk]] * chunk.numel() + local, stable=True)
+        pairs, local = in_chunk[order], local[order]
+        with autocast_context(precision, device):
+            image_kv = fusion.project_image(image_tokens[chunk.to(device)])  # per layer (M, L, 2C)
+        for start in range(0, pairs.numel(), batch_size):
+            rows, img = pairs[start : start + batch_size], local[start : start + batch_size]
+            by_image = torch.argsort(img, stable=True)  # the fusion encoder then needs no permutation
+            rows, img = rows[by_image], img[by_image]
+            txt = text_idx[rows]
+            t = int(lengths[txt].max())  # right padding beyond the longest caption changes nothing
+            groups = group_queries(img).to(device)
+            txt = txt.to(device)
+            with autocast_context(precision, device):
+                fused = fusion(
+                    text_hidden[txt, :t], attention_mask[txt, :t], None,
+                    image_kv=image_kv, groups=groups, cls_only=True,
+                )  # (b, 1, C)
+            out[rows.to(device)] = model.itm_logits(fused.float())[:, 1]  # head in fp32
     return out
 
 
@@ -136,13 +171,7 @@ def _rerank_batched(model, image_tokens, text_hidden, mask, top_i2t, top_t2i, ba
     keys_i2t = torch.arange(n_img, device=top_i2t.device)[:, None] * n_txt + top_i2t  # (N_img, k)
     keys_t2i = top_t2i * n_txt + torch.arange(n_txt, device=top_t2i.device)[:, None]  # (N_txt, k)
     keys, inverse = torch.unique(torch.cat([keys_i2t.reshape(-1), keys_t2i.reshape(-1)]), return_inverse=True)
-    image_idx, text_idx = keys // n_txt, keys % n_txt
-    # Caption length first (little padding per call), then image (shared keys and values).
-    order = torch.argsort(mask.sum(dim=1)[text_idx] * n_img + image_idx, stable=True)
-    scores = torch.empty(keys.shape[0], device=keys.device)
-    scores[order] = itm_scores(
-        model, image_tokens, text_hidden, mask, image_idx[order], text_idx[order], batch_size, precision
-    )
+    scores = itm_scores(model, image_tokens, text_hidden, mask, keys // n_txt, keys % n_txt, batch_size, precision)
     n_i2t = keys_i2t.numel()
     return scores[inverse[:n_i2t]].view(-1, k_i2t), scores[inverse[n_i2t:]].view(-1, k_t2i)
 

@@ -5,6 +5,7 @@ import torch
 
 from albef_ray.config import EvalConfig
 from albef_ray.eval import fill_outside_topk, itm_scores, recall_metrics, retrieval_scores
+from albef_ray.eval import retrieval
 from albef_ray.eval.retrieval import embed_images, embed_texts
 from albef_ray.model.albef import build_model
 from tests.conftest import make_batch
@@ -140,6 +141,19 @@ def test_the_rerank_reorders_only_each_querys_top_k(tiny_inputs, k):
 def test_batched_rerank_equals_the_per_query_loop(tiny_inputs, rerank_batch):
     model, images, ids, mask = tiny_inputs
     cfg = EvalConfig(k_test=5, batch_size=64, rerank_batch=rerank_batch)
+    batched = retrieval_scores(model, images, ids, mask, cfg)
+    per_query = retrieval_scores(model, images, ids, mask, cfg, per_query=True)
+    for a, b in zip(batched, per_query):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("budget_images", [1, 5])
+def test_rerank_in_image_chunks_equals_the_per_query_loop(tiny_inputs, monkeypatch, budget_images):
+    model, images, ids, mask = tiny_inputs
+    arch = model.arch
+    per_image = arch.fusion_layers * (1 + (arch.image_res // arch.patch_size) ** 2) * 2 * arch.text_width
+    monkeypatch.setattr(retrieval, "_KV_BUDGET", budget_images * per_image)  # chunks of 1 or 5 images
+    cfg = EvalConfig(k_test=6, batch_size=64, rerank_batch=9)
     batched = retrieval_scores(model, images, ids, mask, cfg)
     per_query = retrieval_scores(model, images, ids, mask, cfg, per_query=True)
     for a, b in zip(batched, per_query):

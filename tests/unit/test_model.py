@@ -6,6 +6,8 @@ import torch
 from albef_ray.model.albef import build_model
 from albef_ray.model.momentum import MomentumEncoder
 from albef_ray.model.registry import AlbefArch, get_arch, register_size
+from albef_ray.model import text as text_module
+from albef_ray.model.text import SelfAttention, causal_key_mask, group_queries
 from albef_ray.model.vision import interpolate_pos_embed
 from tests.conftest import ALL_SIZES, make_batch
 
@@ -54,6 +56,69 @@ def test_fusion_image_index_equals_gathered_images():
         shared = model.fuse(text, att, tokens, index)
         copied = model.fuse(text, att, tokens[index])
     torch.testing.assert_close(shared, copied)
+
+
+def _fusion_inputs(model, rows=23, images=5, t=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(rows, t, model.arch.text_width, generator=g)
+    lengths = torch.randint(2, t + 1, (rows,), generator=g)
+    mask = (torch.arange(t)[None] < lengths[:, None]).long()
+    tokens = torch.randn(images, 17, model.arch.vision_width, generator=g)
+    index = torch.randint(0, images, (rows,), generator=g)  # unsorted, images of 1 to many rows
+    return text, mask, tokens, index
+
+
+@pytest.mark.parametrize("device_path", ["cpu", "padded"])
+@pytest.mark.parametrize("sort", [False, True])
+def test_grouped_cross_attention_equals_the_gather_path(device_path, sort, monkeypatch):
+    model = build_model("albef_tiny").eval()
+    text, mask, tokens, index = _fusion_inputs(model)
+    if sort:
+        index = index.sort().values
+    if device_path == "padded":  # the one-call layout used on GPUs, forced on the CPU
+        monkeypatch.setattr(text_module, "_per_image_calls", lambda q: False)
+    groups = group_queries(index)
+    assert (groups.order is None) == sort
+    with torch.no_grad():
+        gathered = model.fuse(text, mask, tokens, index)
+        grouped = model.fusion(text, mask, tokens, groups=groups)
+        projected = model.fusion(text, mask, None, image_kv=model.fusion.project_image(tokens), groups=groups)
+    torch.testing.assert_close(grouped, gathered, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(projected, gathered, atol=1e-6, rtol=1e-6)
+
+
+def test_group_queries_layout():
+    index = torch.tensor([4, 1, 4, 4, 0, 1, 4])  # image 4: 4 rows, 1: 2 rows, 0: 1 row
+    groups = group_queries(index)
+    assert groups.images == (0, 1, 4) and groups.counts == (1, 2, 4)
+    assert torch.equal(groups.context_index, torch.tensor([0, 1, 4]))
+    assert torch.equal(index[groups.order], torch.tensor([0, 1, 1, 4, 4, 4, 4]))
+    assert torch.equal(groups.slots, torch.tensor([0, 4, 5, 8, 9, 10, 11]))  # padded to 4 per image
+
+
+def test_cls_only_last_layer_equals_the_full_layers_cls():
+    model = build_model("albef_tiny").eval()
+    text, mask, tokens, index = _fusion_inputs(model)
+    groups = group_queries(index)
+    with torch.no_grad():
+        full = model.fuse(text, mask, tokens, index)  # (B, T, C)
+        cls = model.fusion(text, mask, tokens, index, cls_only=True)
+        cls_grouped = model.fusion(text, mask, tokens, groups=groups, cls_only=True)
+    assert cls.shape == (text.shape[0], 1, text.shape[2])
+    torch.testing.assert_close(cls, full[:, :1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cls_grouped, full[:, :1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.itm_logits(cls), model.itm_logits(full), atol=1e-5, rtol=1e-5)
+
+
+def test_cls_only_self_attention_with_a_causal_mask_is_row_zero():
+    torch.manual_seed(0)
+    attn = SelfAttention(32, 4, 1e-12, 0.0).eval()
+    x = torch.randn(3, 7, 32)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    for key_mask in (mask.bool()[:, None, None, :], causal_key_mask(mask)):
+        with torch.no_grad():
+            torch.testing.assert_close(attn(x, key_mask, cls_only=True), attn(x, key_mask)[:, :1])
 
 
 def test_padding_does_not_change_real_tokens():
