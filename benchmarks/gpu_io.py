@@ -203,7 +203,7 @@ def part_data(spec: dict) -> dict:
               "generate_s": gen_s, "ray_cpus": cpus, "batch": batch, "size": size, "device": str(device),
               "image_res": get_arch(size, cfg.model.image_res).image_res}
     skip = spec.get("skip_batches", 3)
-    ray.init(num_cpus=cpus, num_gpus=1 if device.type == "cuda" else 0, include_dashboard=False,
+    ray.init(address="local", num_cpus=cpus, num_gpus=1 if device.type == "cuda" else 0, include_dashboard=False,
              log_to_driver=False, configure_logging=False,
              _node_ip_address="127.0.0.1")  # one node; no network there
     try:
@@ -335,7 +335,7 @@ def part_ray_train(spec: dict) -> dict:
     save({"size": size, "batch": batch, "steps": steps, "device": str(device), "plain_windows": plain})
     # 2. Ray Train, 1 worker: generated rows through Ray Data, as `albef-ray pretrain` without shards
     log_path = tmp / "windows.jsonl"
-    ray.init(num_cpus=spec["cpus"], num_gpus=1 if device.type == "cuda" else 0, include_dashboard=False,
+    ray.init(address="local", num_cpus=spec["cpus"], num_gpus=1 if device.type == "cuda" else 0, include_dashboard=False,
              log_to_driver=False, configure_logging=False,
              _node_ip_address="127.0.0.1")  # one node; no network there
     try:
