@@ -7,7 +7,6 @@ CLI use these; none of them imports another launcher for them.
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
