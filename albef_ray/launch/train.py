@@ -11,8 +11,10 @@ import itertools
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +23,14 @@ from ..config import AlbefConfig, ConfigError, build_config
 from ..model.weights_file import read_weights_file
 from ..tasks import build_task, get_task
 from ..tracking import MetricLogger, close_run, open_run, resolve_tracking_uri, ui_hint
-from ..train.checkpoint import TrainProgress, load_training_state, rng_state, save_training_state, set_rng_state
+from ..train.checkpoint import (
+    STATE_FILE,
+    TrainProgress,
+    load_training_state,
+    rng_state,
+    save_training_state,
+    set_rng_state,
+)
 from ..train.loop import Schedule, format_metrics, train_step
 from ..train.metrics import MetricWindow, NonFiniteRun
 from ..train.optim import build_optimizer
@@ -31,22 +40,97 @@ from .faults import maybe_inject_fault
 log = logging.getLogger(__name__)
 RNG_FILE = "rng_rank{rank}.pt"
 STREAM_FILE = "stream_rank{rank}.json"  # a worker's place in its epoch's data stream
+STAGE_FILE = "stage.json"  # which stage of a chained run wrote the checkpoint, finished or not, and its evaluations
+# A chained run's retention score: a stage's final checkpoint outranks every other, then newer beats older.
+CHAIN_RANK = "chain_rank"
+
+
+def chain_rank(stage: int, step: int, final: bool) -> float:
+    """:data:`CHAIN_RANK` of a chained run's checkpoint (higher is kept first)."""
+    return 1e12 + stage if final else stage * 1e9 + step
+
+
+@dataclass
+class _Stage:
+    """A stage of a chained run (:func:`chain_loop_per_worker`) as its training loop sees it.
+
+    ``evaluate(cfg, weights) -> metrics`` runs on rank 0 on the stage's final weights; the
+    metrics are reported prefixed ``<prefix>/``, logged to the run's MLflow run and collected
+    in ``evals`` (every earlier stage's too), which each checkpoint's ``stage.json`` carries.
+    ``keep_final``: a local folder where every rank keeps the final weights for the next stage.
+    ``chained``: checkpoints carry ``chain_rank`` (:data:`CHAIN_RANK`), by which Ray keeps each
+    stage's final checkpoint besides the latest ones.
+    """
+
+    index: int = 0
+    evaluate: object = None
+    prefix: str = ""
+    evals: dict = field(default_factory=dict)
+    keep_final: str | None = None
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    run_dir: str = ""
+    chained: bool = False
+
+    def finish(self, cfg: AlbefConfig, weights: Path, step: int) -> dict:
+        """Evaluate the stage's final ``weights`` (rank 0); the metrics to report, prefixed."""
+        if self.evaluate is None:
+            return {}
+        metrics = {k: float(v) for k, v in self.evaluate(cfg, str(weights)).items()}
+        if self.run_id:
+            from ..eval.tracking import log_retrieval
+
+            tracked = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": self.tracking_uri})})
+            where = f"{self.run_dir}: the checkpoint of step {step}, the end of stage {self.index}"
+            log_retrieval(tracked, metrics, where, run_id=self.run_id, step=step, prefix=self.prefix)
+        self.evals[self.prefix] = metrics
+        return {f"{self.prefix}/{k}": v for k, v in metrics.items()}
+
+
+def read_stage_marker(directory: str | Path | None) -> dict:
+    """A checkpoint's ``stage.json``: ``{"stage", "finished", "evals"}`` (stage 0 unfinished when absent)."""
+    path = Path(directory) / STAGE_FILE if directory is not None else None
+    if path is None or not path.is_file():
+        return {"stage": 0, "finished": False, "evals": {}}
+    return json.loads(path.read_text())
 
 
 # --------------------------------------------------------------------------- worker side
 
 
-def _report(metrics, progress, cfg, task, optimizer, generator, rank, with_checkpoint, position=0, world=1):
+def _report(metrics, progress, cfg, task, optimizer, generator, rank, with_checkpoint, position=0, world=1,
+            stage=None, final=False):
+    """``ray.train.report`` of ``metrics``, with a checkpoint when ``with_checkpoint``.
+
+    ``stage`` (a :class:`_Stage`; None: a run of one stage) is written into the checkpoint
+    (``stage.json``); at a stage's ``final`` checkpoint rank 0 first evaluates the weights it
+    just wrote with the stage's evaluation, logs and reports the result, and every rank keeps a
+    copy of the weights for the next stage.
+    """
     import ray.train
 
     metrics = {**metrics, "step": progress.step, "epoch": progress.epoch}
     if not with_checkpoint:
         ray.train.report(metrics)
         return
+    stage = stage or _Stage()
+    if stage.chained:
+        metrics[CHAIN_RANK] = chain_rank(stage.index, progress.step, final)
     with tempfile.TemporaryDirectory() as tmp:
         # Every rank writes its own RNG file; Ray merges the ranks' files into one checkpoint.
         if rank == 0:
             save_training_state(tmp, task, optimizer, progress, cfg, generator)
+            if final:
+                metrics.update(stage.finish(cfg, Path(tmp) / STATE_FILE, progress.step))
+            marker = {"stage": stage.index, "finished": final, "step": progress.step, "evals": stage.evals}
+            (Path(tmp) / STAGE_FILE).write_text(json.dumps(marker))
+        if final and stage.keep_final:
+            keep = Path(stage.keep_final)
+            if rank == 0:
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(Path(tmp) / STATE_FILE, keep / STATE_FILE)
+            else:
+                save_training_state(keep, task, optimizer, progress, cfg, generator)
         torch.save(rng_state(generator), Path(tmp) / RNG_FILE.format(rank=rank))
         stream = {"epoch": progress.epoch, "position": position, "world": world}
         (Path(tmp) / STREAM_FILE.format(rank=rank)).write_text(json.dumps(stream))
@@ -78,10 +162,7 @@ def _stream_position(directory: Path, rank: int, world: int, progress: TrainProg
     return estimate
 
 
-def _restore(task, optimizer, generator, rank, world, batch_size) -> tuple[TrainProgress, int]:
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
+def _restore(ckpt, task, optimizer, generator, rank, world, batch_size) -> tuple[TrainProgress, int]:
     if ckpt is None:
         return TrainProgress(), 0
     with ckpt.as_directory() as d:
@@ -128,6 +209,13 @@ def _agreed(batches, world: int, group=None):
 def train_loop_per_worker(loop_config: dict) -> dict:
     """Runs on every Ray Train worker. ``loop_config``: config, steps_per_epoch, run_dir, tracking."""
     import ray.train
+
+    return _train_stage(loop_config, ray.train.get_checkpoint())
+
+
+def _train_stage(loop_config: dict, checkpoint, stage: _Stage | None = None) -> dict:
+    """One training run of ``loop_config`` on this worker, continued from ``checkpoint`` if any."""
+    import ray.train
     import ray.train.torch
 
     from ..objectives.mlm import SpecialTokens
@@ -148,7 +236,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     optimizer = build_optimizer(task, cfg.optim)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank)
     torch.manual_seed(cfg.seed + 1000 * rank)  # dropout differs across ranks
-    progress, position = _restore(task, optimizer, generator, rank, world, cfg.train.batch_size)
+    progress, position = _restore(checkpoint, task, optimizer, generator, rank, world, cfg.train.batch_size)
     start_step = progress.step
     schedule = Schedule(cfg.train.epochs * loop_config["steps_per_epoch"], loop_config["steps_per_epoch"])
     stop = min(schedule.total_steps, cfg.train.max_steps or schedule.total_steps)
@@ -173,7 +261,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         batches = shard.iter_torch_batches(collate_fn=loop_config.get("collate"), device=device, **kwargs)
         return itertools.islice(batches, progress.batches_done, None)
 
-    def flush(checkpoint: bool, evaluate: bool) -> None:
+    def flush(checkpoint: bool, evaluate: bool, final: bool = False) -> None:
         # Steps run ahead of the device; their metrics, stream position and verdicts are read
         # here, in one sync per logging interval.
         nonlocal position, last_rows
@@ -199,7 +287,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             log.info(format_metrics(progress.step, stop, report))
         if evaluator is not None and checkpoint:
             report.update(evaluator(task, progress.step, run=evaluate))
-        _report(report, progress, cfg, task, optimizer, generator, rank, checkpoint, position, world)
+        _report(report, progress, cfg, task, optimizer, generator, rank, checkpoint, position, world, stage, final)
         clock.update(start=time.perf_counter(), wait=0.0, steps=0)
 
     while progress.epoch < cfg.train.epochs and progress.step < stop:
@@ -233,8 +321,54 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             progress.epoch += 1
             progress.batches_done = 0
             position = 0
-        flush(checkpoint=True, evaluate=True)
+        flush(checkpoint=True, evaluate=True, final=not (progress.epoch < cfg.train.epochs and progress.step < stop))
     return {"step": progress.step, "epoch": progress.epoch, "start_step": start_step}
+
+
+def chain_loop_per_worker(loop_config: dict) -> dict:
+    """Runs on every Ray Train worker: the stages of ``loop_config["stages"]`` one after another.
+
+    Each stage is a :func:`train_loop_per_worker` config plus ``evaluate`` (``(cfg, weights)
+    -> metrics`` or None) and ``prefix``; stage i > 0 starts from stage i-1's final weights
+    (its ``model.checkpoint``), so a trial's pretraining and fine-tuning share one worker
+    group: one start-up instead of one per stage. A restart continues in the stage of the last
+    checkpoint (``stage.json``): a finished stage is neither trained nor evaluated again.
+    """
+    import ray.train
+
+    stages = loop_config["stages"]
+    checkpoint = ray.train.get_checkpoint()
+    marker = {"stage": 0, "finished": False, "evals": {}}
+    evals: dict = {}
+    result: dict = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        previous = None  # the last finished stage's final weights (state.pt), on this worker
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                marker = read_stage_marker(d)
+                evals = dict(marker["evals"])
+                if marker["finished"]:  # the next stage starts from these weights
+                    previous = Path(scratch) / f"stage{marker['stage']}" / STATE_FILE
+                    previous.parent.mkdir(parents=True)
+                    shutil.copy(Path(d) / STATE_FILE, previous)
+        for index, stage_config in enumerate(stages):
+            if index < marker["stage"] or (index == marker["stage"] and marker["finished"]):
+                continue  # finished before the restart
+            resume = checkpoint if checkpoint is not None and index == marker["stage"] else None
+            stage_config = dict(stage_config)
+            if index > 0 and resume is None:
+                cfg = build_config(stage_config["config"])
+                stage_config["config"] = cfg.model_copy(
+                    update={"model": cfg.model.model_copy(update={"checkpoint": str(previous)})}
+                ).model_dump(mode="json")
+            stage = _Stage(
+                index, stage_config.get("evaluate"), stage_config.get("prefix", ""), evals,
+                str(Path(scratch) / f"stage{index}"), stage_config.get("tracking_uri"), stage_config.get("run_id"),
+                stage_config.get("run_dir", ""), chained=True,
+            )
+            result = _train_stage(stage_config, resume, stage)
+            previous = Path(stage.keep_final) / STATE_FILE
+    return {**result, "evals": evals}
 
 
 # --------------------------------------------------------------------------- driver side
@@ -318,6 +452,85 @@ def launch_pretrain(
         if run_id:
             ckpt = result.checkpoint.path if result is not None and result.checkpoint else None
             close_run(uri, run_id, status, ckpt, paths.run_dir)
+
+
+def chainable(cfgs: list[AlbefConfig]) -> bool:
+    """Whether these runs can share one worker group (:func:`launch_chain`): all stream caption
+    shards, on equally many workers with equal resources."""
+    def scaling(c):
+        return c.train.num_workers, c.train.use_gpu, c.train.cpus_per_worker
+
+    return all(c.data.shards for c in cfgs) and len({scaling(c) for c in cfgs}) == 1
+
+
+def launch_chain(stages: list[tuple[AlbefConfig, object, str]], run_id: str | None = None, callbacks=None):
+    """Fit one TorchTrainer that trains ``stages`` in turn (:func:`chain_loop_per_worker`).
+
+    Each stage is ``(cfg, evaluate, prefix)``: its config (``run.name`` of the first names the
+    Train run; data must be caption shards, scaling equal: :func:`chainable`), the evaluation
+    of its final weights (``(cfg, weights) -> metrics``, None: none) and the prefix its metrics
+    are reported and logged under (the first stage's training metrics keep theirs,
+    ``tracking.metric_prefix``). All stages log into the MLflow run ``run_id``.
+
+    Returns:
+        ``(ray.train.Result, evals, finals)``: evals maps each evaluated stage's prefix to its
+        metrics, read back from the last checkpoint (so a resumed or already finished run has
+        them too); finals maps each stage's index to ``(its final checkpoint, its step)``
+        (:func:`stage_checkpoints`).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfgs = [cfg for cfg, _, _ in stages]
+    if not chainable(cfgs):
+        raise ConfigError("a chained run needs caption shards (data.shards) and the same train.num_workers, "
+                          "train.use_gpu and train.cpus_per_worker in every stage")
+    first = cfgs[0]
+    paths = run_paths(first)
+    uri = resolve_tracking_uri(first, paths.storage)
+    loop_stages = []
+    for cfg, evaluate, prefix in stages:
+        datasets, steps_per_epoch, collate, special, loader_kwargs = train_inputs(cfg)
+        loop_stages.append({
+            "config": cfg.model_dump(mode="json"), "steps_per_epoch": steps_per_epoch,
+            "run_dir": str(paths.run_dir), "tracking_uri": uri, "run_id": run_id,
+            "collate": collate, "special": special, "iter_kwargs": loader_kwargs, "stream": datasets["train"],
+            "evaluate": evaluate, "prefix": prefix,
+        })
+    trainer = TorchTrainer(
+        chain_loop_per_worker,
+        train_loop_config={"stages": loop_stages},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=first.train.num_workers, use_gpu=first.train.use_gpu,
+            resources_per_worker={"CPU": first.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=paths.name, storage_path=str(paths.storage),
+            # Each stage's final checkpoint and the last ones (a stage's best-by-score is not kept apart).
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=len(cfgs) + max(c.train.keep_checkpoints for c in cfgs),
+                checkpoint_score_attribute=CHAIN_RANK, checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=first.run.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+    result = trainer.fit()
+    evals = {}
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            evals = read_stage_marker(d)["evals"]
+    return result, evals, stage_checkpoints(paths.run_dir)
+
+
+def stage_checkpoints(run_dir: str | Path) -> dict[int, tuple[str, int]]:
+    """Stage index -> (final checkpoint directory, step) of a chained run in ``run_dir``."""
+    finals = {}
+    for path in sorted(Path(run_dir).glob("checkpoint_*")):
+        marker = read_stage_marker(path) if path.is_dir() else None
+        if marker and marker["finished"]:
+            finals[marker["stage"]] = (str(path), int(marker.get("step", 0)))
+    return finals
 
 
 def synthetic_rows(cfg: AlbefConfig, steps_per_epoch: int) -> list[dict]:

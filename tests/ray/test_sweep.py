@@ -3,7 +3,9 @@
 One module-scoped sweep of two variants x one seed: the second variant's worker dies after step 3
 (``run.fail_at_step``, a test-only switch that fires once; a checkpoint every step) with no retries, so the sweep ends
 with one finished and one failed trial. Running it again resumes: only the failed trial runs,
-from its last checkpoint, in the same MLflow child run.
+from its last checkpoint, in the same MLflow child run. The second variant's stages run on one
+worker each, so they chain in one Train run (``launch_chain``); the first pretrains on two
+workers and fine-tunes on one: a Train run per stage.
 """
 
 from pathlib import Path
@@ -40,8 +42,10 @@ def _write_sweep(root: Path, data: Path) -> Path:
         "name": "two_variants", "base": "base.yaml",
         "variants": {
             "ITC+MLM+ITM": {"itm.hard_negatives": False, "mod.itc": False, "mod.mlm": False},
+            # One worker in both stages: pretraining and fine-tuning chain in one Train run. The
+            # other variant pretrains on 2 workers: one Train run per stage, evaluations as tasks.
             "MLM+ITM": {"itc.enabled": False, "itm.hard_negatives": False, "mod.itc": False, "mod.mlm": False,
-                        "run.fail_at_step": 3},
+                        "run.fail_at_step": 3, "train.num_workers": 1},
         },
         "seeds": [7], "max_failures": 0,
         "downstream": [{"name": "retrieval", "experiment": "ft.yaml"}],
@@ -130,6 +134,34 @@ def test_resume_runs_only_the_failed_trial_from_its_checkpoint(swept):
     done_steps = sorted(m.step for m in client.get_metric_history(after[done].info.run_id, "loss"))
     assert done_steps == [1, 2, 3, 4]  # the finished trial did not train again
     assert client.get_run(first.parent_run_id).info.status == "FINISHED"
+
+
+def test_stages_on_equal_workers_chain_in_one_train_run(swept):
+    from albef_ray.launch.train import read_stage_marker
+
+    sweep, first, _, _, after, _ = swept
+    trials = first.sweep_dir / "trials"
+    assert not (trials / "MLM+ITM-seed7-retrieval").exists()  # chained: one Train run
+    assert (trials / "ITC+MLM+ITM-seed7-retrieval").is_dir()  # 2 workers, then 1: a run per stage
+    last = sorted(p for p in trials.glob("MLM+ITM-seed7/checkpoint_*") if p.is_dir())[-1]
+    marker = read_stage_marker(last)
+    assert marker["stage"] == 1 and marker["finished"]  # the fine-tuning stage, ended
+    metrics = after["MLM+ITM-seed7"].data.metrics
+    for prefix in ("zeroshot", "retrieval"):  # each stage's evaluation, carried in the checkpoint
+        assert marker["evals"][prefix]["r_mean"] == pytest.approx(metrics[f"{prefix}/r_mean"])
+    assert marker["evals"]["zeroshot"]["itm_acc"] == pytest.approx(metrics["zeroshot/itm_acc"])
+    # Pretraining's final checkpoint outlives retention (a checkpoint every step, 3 kept) and is
+    # recorded where a per-stage trial records it.
+    import json
+
+    done = json.loads((trials / "MLM+ITM-seed7" / "stages.json").read_text())
+    pretrained = Path(done["train:pretrain"]["checkpoint"])
+    assert pretrained.is_file() and done["train:pretrain"]["step"] == STEPS
+    assert read_stage_marker(pretrained.parent) == {**read_stage_marker(pretrained.parent), "stage": 0, "finished": True}
+    assert done["eval:zeroshot"]["r_mean"] == pytest.approx(metrics["zeroshot/r_mean"])
+    tags = after["MLM+ITM-seed7"].data.tags
+    assert "step 4, the end of stage 0" in tags["eval.zeroshot.checkpoint"]
+    assert f"step {FT_STEPS}, the end of stage 1" in tags["eval.retrieval.checkpoint"]
 
 
 def test_compare_reads_the_sweep_back(swept, tmp_path):
