@@ -71,6 +71,12 @@ class ITCConfig(_Section):
 class ITMConfig(_Section):
     enabled: bool = True
     hard_negatives: bool = Field(True, description="Sample negatives by ITC similarity; False = uniform.")
+    hard_negatives_from_step: int = Field(
+        0, ge=0,
+        description="With hard_negatives: uniform negatives before this optimizer step, hard from it on. "
+        "0 = the paper (hard from the start); a deviation for short runs, where ITM learns the easy "
+        "pairs first (docs/results.md). Pretraining only.",
+    )
     weight: float = Field(1.0, ge=0)
 
 
@@ -350,6 +356,8 @@ class AlbefConfig(_Section):
             raise _FieldError("itc.enabled", "at least one of itc, itm, mlm must be enabled")
         if self.itm.enabled and self.itm.hard_negatives and not self.itc.enabled:
             raise _FieldError("itm.hard_negatives", "hard negatives are sampled from ITC similarities: enable itc")
+        if self.itm.hard_negatives_from_step and self.task != "pretrain":
+            raise _FieldError("itm.hard_negatives_from_step", f"a pretraining switch; task {self.task!r} takes 0")
         if self.mod.itc and not self.itc.enabled and self.mod.alpha > 0:
             raise _FieldError("mod.itc", "momentum distillation of ITC needs itc.enabled")
         if self.task in ("retrieval", "grounding"):  # official model_retrieval.py (Grounding.py too): ITC + ITM, no MLM

@@ -178,6 +178,7 @@ def itm_rows(
     image_idx: torch.Tensor | None = None,
     negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
     return_outputs: bool = False,
+    hard: bool | None = None,
 ) -> tuple[FusionRows, dict[str, torch.Tensor]]:
     """The ITM rows: positives, (text i, image neg_image[i]), (text neg_text[i], image i).
 
@@ -192,13 +193,15 @@ def itm_rows(
         image_idx: (B,) int64 image index of each pair, or None.
         negatives: (neg_image (B,), neg_text (B,)) to use instead of sampling.
         return_outputs: also return ``neg_image`` / ``neg_text`` (when there are negatives).
+        hard: hard negatives for this step; None: ``cfg.itm.hard_negatives``.
 
     Returns:
         ``(rows, out)``: the (P, ...) rows, P = 3B (B when B = 1), and the outputs.
     """
     sim_i2t, sim_t2i = (itc["sim_i2t"], itc["sim_t2i"]) if itc is not None else (None, None)
+    hard = cfg.itm.hard_negatives if hard is None else hard
     text, mask, image_index, negatives = itm_pairs(
-        text_hidden, attention_mask, sim_i2t, sim_t2i, cfg.itm.hard_negatives, generator, image_idx, negatives,
+        text_hidden, attention_mask, sim_i2t, sim_t2i, hard, generator, image_idx, negatives,
     )
     out = {}
     if return_outputs and negatives is not None:

@@ -73,6 +73,7 @@ class PretrainTask(nn.Module):
         image_idx: torch.Tensor | None = None,
         update_momentum: bool = True,
         enqueue: bool = True,
+        hard_negatives: bool | None = None,
     ) -> dict[str, torch.Tensor]:
         """One pretraining step's losses.
 
@@ -92,6 +93,8 @@ class PretrainTask(nn.Module):
             update_momentum: run the EMA before the momentum forward (training mode only).
             enqueue: write the momentum keys to the queues at the end (training mode only);
                 False keeps them for ``momentum.commit()`` / ``momentum.discard()``.
+            hard_negatives: ITM negatives of this step hard (True) or uniform; None:
+                ``itm.hard_negatives`` (the schedule, ``itm.hard_negatives_from_step``, lives outside).
 
         Returns:
             ``loss`` (weighted sum), each enabled ``*_loss``, and detached metrics.
@@ -148,7 +151,8 @@ class PretrainTask(nn.Module):
         groups = []
         if cfg.itm.enabled:
             itm, extra = itm_rows(
-                cfg, text_hidden, attention_mask, itc, generator, image_idx, itm_negatives, return_outputs
+                cfg, text_hidden, attention_mask, itc, generator, image_idx, itm_negatives, return_outputs,
+                hard_negatives,
             )
             out.update(extra)
             groups.append(itm)

@@ -137,7 +137,8 @@ def train_step(
             (B, T), split into ``cfg.optim.grad_accum`` micro-batches; or a list of such
             micro-batch dicts, used as given (these may carry ``mlm_input`` /
             ``itm_negatives`` for the task). An ``image_idx`` (B,) entry is passed on too.
-        step: 0-based optimizer step; sets lr (:func:`lr_at`) and alpha (:func:`alpha_at`).
+        step: 0-based optimizer step; sets lr (:func:`lr_at`), alpha (:func:`alpha_at`) and,
+            before ``itm.hard_negatives_from_step``, uniform ITM negatives.
         cfg: the config tree (reads ``optim``, ``mod``, ``train.precision``).
         schedule: step counts of the run.
         generator: RNG for masking and negative sampling, on the batch's device.
@@ -191,6 +192,8 @@ def train_step(
         last = i == len(micro) - 1
         sync_grads = contextlib.nullcontext() if last or not hasattr(task, "no_sync") else task.no_sync()
         step_kwargs = {} if momentum is None else {"update_momentum": i == 0, "enqueue": False}
+        if cfg.itm.enabled and cfg.itm.hard_negatives and step < cfg.itm.hard_negatives_from_step:
+            step_kwargs["hard_negatives"] = False  # uniform negatives until the switch step
         with sync_grads:
             with record_function("albef.forward"), autocast_context(cfg.train.precision, device):
                 out = task(

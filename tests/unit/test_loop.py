@@ -402,3 +402,40 @@ def test_non_finite_run_counts_the_longest_run_between_reads():
     resumed = NonFiniteRun(2)  # a checkpoint's count carries on
     resumed.add(1.0)
     assert resumed.read() == (3, 3)
+
+
+def test_hard_negatives_start_at_the_switch_step(monkeypatch):
+    from albef_ray.objectives import blocks
+
+    seen = []
+    real = blocks.itm_pairs
+
+    def recording(*args, **kwargs):
+        seen.append(args[4])  # itm_pairs(text, mask, sim_i2t, sim_t2i, hard, ...)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(blocks, "itm_pairs", recording)
+    cfg = tiny_cfg(itm={"hard_negatives_from_step": 2})
+    task = _task(cfg).train()
+    opt = build_optimizer(task, cfg.optim)
+    for step in range(4):
+        train_step(task, opt, _batch(seed=step), step, cfg, SCHEDULE)
+    assert seen == [False, False, True, True]
+
+
+def test_before_the_switch_a_step_equals_one_with_uniform_negatives():
+    losses = []
+    for itm in ({"hard_negatives_from_step": 5}, {"hard_negatives": False}, {}):
+        cfg = tiny_cfg(itm=itm)
+        task = _task(cfg).train()
+        metrics = train_step(task, build_optimizer(task, cfg.optim), _batch(), 0, cfg, SCHEDULE,
+                             torch.Generator().manual_seed(0))
+        losses.append(metrics["itm_loss"])
+    assert losses[0] == losses[1] != losses[2]  # uniform == uniform; hard negatives differ
+
+
+def test_the_switch_is_for_pretraining_only():
+    from albef_ray.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="itm.hard_negatives_from_step"):
+        build_config({"task": "retrieval", "mlm": {"enabled": False}, "itm": {"hard_negatives_from_step": 10}})
