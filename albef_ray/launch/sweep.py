@@ -220,8 +220,7 @@ def make_trainable(sweep: Sweep, directory: Path, uri: str, parent_id: str, eval
             # trial, and each stage's evaluation on its worker, not in a process of its own.
             zero_shot = (evaluate or get_task(cfg.task).evaluate()) if sweep.spec.zero_shot else None
             stage_cfgs = [(cfg, zero_shot, ZERO_SHOT)]
-            for stage in sweep.spec.downstream:
-                stage_cfg = build_config(configs[trial.key][stage.name])
+            for stage, stage_cfg in zip(sweep.spec.downstream, downstream):
                 stage_cfg = stage_cfg.model_copy(update={"run": stage_cfg.run.model_copy(update={"name": trial.key})})
                 stage_cfgs.append((stage_cfg, evaluate or get_task(stage_cfg.task).evaluate(), stage.name))
             result, evals, finals = launch_chain(stage_cfgs, run_id=run_id, callbacks=[TuneReportCallback()])

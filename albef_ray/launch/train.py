@@ -401,6 +401,36 @@ def best_checkpoint(result, score: str) -> tuple[str, dict] | None:
 
 
 
+def _loop_config(cfg, paths, uri, run_id, steps_per_epoch, collate, special, iter_kwargs, stream) -> dict:
+    """The :func:`train_loop_per_worker` config of one training run (one stage of a chain)."""
+    return {
+        "config": cfg.model_dump(mode="json"), "steps_per_epoch": steps_per_epoch,
+        "run_dir": str(paths.run_dir), "tracking_uri": uri, "run_id": run_id,
+        "collate": collate, "special": special, "iter_kwargs": iter_kwargs, "stream": stream,
+    }
+
+
+def _trainer(loop, loop_config: dict, cfg: AlbefConfig, paths, checkpoints, callbacks, datasets=None):
+    """A TorchTrainer of ``loop`` with ``cfg``'s scaling and failure settings, stored under ``paths``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=paths.name, storage_path=str(paths.storage), checkpoint_config=checkpoints,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=datasets or None,
+    )
+
+
 def launch_pretrain(
     cfg: AlbefConfig, datasets: dict, steps_per_epoch: int, collate=None, special=None, iter_kwargs=None, callbacks=None
 ):
@@ -410,9 +440,6 @@ def launch_pretrain(
     its own part of the epoch's order) or a Ray Dataset (split by Ray Train).
     ``callbacks`` go to the Train ``RunConfig`` (a Tune sweep passes ``TuneReportCallback``).
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from .data import ShardStream
 
     stream = datasets.get("train") if isinstance(datasets.get("train"), ShardStream) else None
@@ -423,24 +450,10 @@ def launch_pretrain(
     if cfg.tracking.enabled:
         tags = {"model.size": cfg.model.size, "dataset": ",".join(cfg.data.shards) or "synthetic", **cfg.tracking.tags}
         run_id = open_run(cfg, uri, paths.run_dir, paths.name, tags)
-    trainer = TorchTrainer(
+    trainer = _trainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"), "steps_per_epoch": steps_per_epoch,
-            "run_dir": str(paths.run_dir), "tracking_uri": uri, "run_id": run_id,
-            "collate": collate, "special": special, "iter_kwargs": iter_kwargs, "stream": stream,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=paths.name, storage_path=str(paths.storage),
-            checkpoint_config=checkpoint_config(cfg),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            callbacks=callbacks,
-        ),
-        datasets=datasets or None,
+        _loop_config(cfg, paths, uri, run_id, steps_per_epoch, collate, special, iter_kwargs, stream),
+        cfg, paths, checkpoint_config(cfg), callbacks, datasets,
     )
     status = "FAILED"
     result = None
@@ -479,7 +492,6 @@ def launch_chain(stages: list[tuple[AlbefConfig, object, str]], run_id: str | No
         (:func:`stage_checkpoints`).
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     cfgs = [cfg for cfg, _, _ in stages]
     if not chainable(cfgs):
@@ -491,30 +503,14 @@ def launch_chain(stages: list[tuple[AlbefConfig, object, str]], run_id: str | No
     loop_stages = []
     for cfg, evaluate, prefix in stages:
         datasets, steps_per_epoch, collate, special, loader_kwargs = train_inputs(cfg)
-        loop_stages.append({
-            "config": cfg.model_dump(mode="json"), "steps_per_epoch": steps_per_epoch,
-            "run_dir": str(paths.run_dir), "tracking_uri": uri, "run_id": run_id,
-            "collate": collate, "special": special, "iter_kwargs": loader_kwargs, "stream": datasets["train"],
-            "evaluate": evaluate, "prefix": prefix,
-        })
-    trainer = TorchTrainer(
-        chain_loop_per_worker,
-        train_loop_config={"stages": loop_stages},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=first.train.num_workers, use_gpu=first.train.use_gpu,
-            resources_per_worker={"CPU": first.train.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=paths.name, storage_path=str(paths.storage),
-            # Each stage's final checkpoint and the last ones (a stage's best-by-score is not kept apart).
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=len(cfgs) + max(c.train.keep_checkpoints for c in cfgs),
-                checkpoint_score_attribute=CHAIN_RANK, checkpoint_score_order="max",
-            ),
-            failure_config=ray.train.FailureConfig(max_failures=first.run.max_failures),
-            callbacks=callbacks,
-        ),
+        stage = _loop_config(cfg, paths, uri, run_id, steps_per_epoch, collate, special, loader_kwargs, datasets["train"])
+        loop_stages.append({**stage, "evaluate": evaluate, "prefix": prefix})
+    # Each stage's final checkpoint and the last ones (a stage's best-by-score is not kept apart).
+    checkpoints = ray.train.CheckpointConfig(
+        num_to_keep=len(cfgs) + max(c.train.keep_checkpoints for c in cfgs),
+        checkpoint_score_attribute=CHAIN_RANK, checkpoint_score_order="max",
     )
+    trainer = _trainer(chain_loop_per_worker, {"stages": loop_stages}, first, paths, checkpoints, callbacks)
     result = trainer.fit()
     evals = {}
     if result.checkpoint is not None:
