@@ -26,6 +26,7 @@ import torch
 from albef_ray.config import load_config, with_overrides
 from albef_ray.data.collate import load_tokenizer, tokenize
 from albef_ray.data.transforms import normalize
+from albef_ray.eval.gradcam import itc_gradcam, itm_gradcam
 from albef_ray.eval.grounding import evaluate_split
 from albef_ray.eval.split import load_split
 from albef_ray.objectives.mlm import SpecialTokens
@@ -33,7 +34,6 @@ from albef_ray.tasks import build_task
 from albef_ray.train.loop import Schedule, train_step
 from albef_ray.train.optim import build_optimizer
 
-METHODS = ("itm", "itc", "random", "largest")
 
 
 def training_pairs(cfg):
@@ -69,22 +69,39 @@ def finetune(task, cfg, pairs, blank: bool) -> float:
     return (time.perf_counter() - start) / max(step, 1)
 
 
-def evaluate(task, cfg, tokenizer, splits) -> dict[str, float]:
+def itm_layers_maps(layers: list[int]):
+    """A ``maps_fn`` for evaluate_split: ALBEF_itm at each of ``layers`` (``itm_L<layer>``) and ALBEF_itc."""
+
+    def maps_fn(model, tensors):
+        ids, mask = tensors["input_ids"], tensors["attention_mask"]
+        out = {f"itm_L{layer}": itm_gradcam(model, tensors["image"], ids, mask, layer).expression for layer in layers}
+        out["itc"] = itc_gradcam(model, tensors["image"], ids, mask).expression
+        return out
+
+    return maps_fn
+
+
+def evaluate(task, cfg, tokenizer, splits, itm_layers: list[int] | None = None) -> dict[str, float]:
+    """``{split/method: accuracy}``; with ``itm_layers`` ALBEF_itm once per layer (``itm_L<layer>``)."""
     out = {}
+    maps_fn = itm_layers_maps(itm_layers) if itm_layers else None
     for split in splits:
-        metrics, _ = evaluate_split(task, cfg.data.shards, split, cfg, tokenizer, "cpu")
-        out.update({f"{split}/{m}": round(metrics[f"acc_{m}"], 2) for m in METHODS})
+        metrics, _ = evaluate_split(task, cfg.data.shards, split, cfg, tokenizer, "cpu", maps_fn=maps_fn)
+        out.update({f"{split}/{k[4:]}": round(v, 2) for k, v in metrics.items() if k.startswith("acc_") and k != "acc_upper"})
     return out
 
 
 def summary(rows: list[dict], splits) -> str:
     """A markdown table: per run kind and split, mean ± std over seeds of each method."""
-    lines = ["| start | split | seeds | ALBEF_itm | ALBEF_itc | random box | largest box |", "|---|---|---|---|---|---|---|"]
+    methods = list(dict.fromkeys(k.split("/", 1)[1] for k in rows[0] if "/" in k))
+    names = {"itm": "ALBEF_itm", "itc": "ALBEF_itc", "random": "random box", "largest": "largest box"}
+    header = [names.get(m, "ALBEF_" + m) for m in methods]
+    lines = ["| start | split | seeds | " + " | ".join(header) + " |", "|---" * (3 + len(methods)) + "|"]
     for kind in dict.fromkeys(r["run"] for r in rows):
         group = [r for r in rows if r["run"] == kind]
         for split in splits:
             cells = []
-            for m in METHODS:
+            for m in methods:
                 values = [r[f"{split}/{m}"] for r in group]
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
                 cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}" if len(values) > 1 else f"{values[0]:.1f}")
@@ -100,6 +117,8 @@ def main() -> None:
     parser.add_argument("--blank", action="store_true", help="also fine-tune each seed on blank images")
     parser.add_argument("--splits", nargs="+", default=["val", "testA", "testB"])
     parser.add_argument("--skip-pretrained", action="store_true", help="do not evaluate the checkpoint as it is")
+    parser.add_argument("--itm-layers", type=int, nargs="*", help="ALBEF_itm at each of these fusion layers (itm_L<n>) "
+                        "instead of grounding.itm_layer alone")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="append one JSON line per evaluation")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the config")
@@ -112,6 +131,7 @@ def main() -> None:
     rows = []
 
     def record(row: dict) -> None:
+        row = {"checkpoint": args.checkpoint, **row}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
@@ -120,7 +140,7 @@ def main() -> None:
 
     if not args.skip_pretrained:
         record({"run": "pretrained, no fine-tuning", "seed": None,
-                **evaluate(build_task(cfg, special), cfg, tokenizer, args.splits)})
+                **evaluate(build_task(cfg, special), cfg, tokenizer, args.splits, args.itm_layers)})
     pairs = training_pairs(cfg)
     for blank in (False, True) if args.blank else (False,):
         for seed in args.seeds:
@@ -130,7 +150,7 @@ def main() -> None:
             s_per_step = finetune(task, seed_cfg, pairs, blank)
             kind = "grounding fine-tuned" + (" on blank images" if blank else "")
             record({"run": kind, "seed": seed, "s_per_step": round(s_per_step, 3),
-                    **evaluate(task, seed_cfg, tokenizer, args.splits)})
+                    **evaluate(task, seed_cfg, tokenizer, args.splits, args.itm_layers)})
     if rows:
         print(summary(rows, args.splits))
 

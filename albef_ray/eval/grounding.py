@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -163,9 +163,12 @@ def _columns(batch, split: str) -> tuple[list, list, list, list, list]:
     return cols["box"], cols["proposals"], cols["width"], cols["height"], refs
 
 
+MapsFn = Callable[[ALBEF, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
 def evaluate_split(
     model: torch.nn.Module, paths: list[str], split: str, cfg: AlbefConfig, tokenizer,
-    device: torch.device | str | None = None, keep: int = 0, log_fn=None,
+    device: torch.device | str | None = None, keep: int = 0, log_fn=None, maps_fn: MapsFn | None = None,
 ) -> tuple[dict[str, float], list[GroundedExample]]:
     """Grounding accuracy of every variant and baseline on one split.
 
@@ -178,11 +181,15 @@ def evaluate_split(
         tokenizer: a loaded tokenizer.
         device: default: the model's.
         keep: return the first ``keep`` expressions with their maps and picks (figures).
+        maps_fn: ``(albef, batch tensors on the CPU) -> {name: (B, G, G) map}``, the maps
+            that rank the boxes; default: :func:`grounding_maps` of ``grounding.variants``.
+            Probes of other maps (benchmarks/grounding_maps.py) share the scoring this way.
 
     Returns:
-        ``(metrics, kept)``: ``acc_<variant>``, ``acc_random``, ``acc_largest``, ``acc_upper``
-        (percent), ``grounding_acc`` (``acc`` of ``grounding.score_variant``), ``num_refs``,
-        ``no_proposals`` and ``eval_seconds``; and the kept :class:`GroundedExample` list.
+        ``(metrics, kept)``: ``acc_<name>`` of every map, ``acc_random``, ``acc_largest``,
+        ``acc_upper`` (percent), ``grounding_acc`` (``acc`` of ``grounding.score_variant``, NaN
+        when ``maps_fn`` makes no map of that name), ``num_refs``, ``no_proposals`` and
+        ``eval_seconds``; and the kept :class:`GroundedExample` list.
     """
     from .examples import iter_examples
 
@@ -190,7 +197,10 @@ def evaluate_split(
     device = torch.device(device) if device is not None else next(albef.parameters()).device
     g = cfg.grounding
     precision = cfg.train.precision
-    hits = {name: 0.0 for name in (*g.variants, *BASELINES, "upper")}
+    if maps_fn is None:
+        def maps_fn(albef: ALBEF, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return grounding_maps(albef, tensors, g.variants, cfg, device, precision)
+    hits = {name: 0.0 for name in (*BASELINES, "upper")}
     total = empty = 0
     kept: list[GroundedExample] = []
     start = time.perf_counter()
@@ -201,7 +211,9 @@ def evaluate_split(
             if not batch.text:
                 continue
             boxes, proposals, widths, heights, refs = _columns(batch, split)
-            cams = grounding_maps(albef, batch.tensors, g.variants, cfg, device, precision)
+            cams = maps_fn(albef, batch.tensors)
+            for name in cams:
+                hits.setdefault(name, 0.0)
             for k, (box, props) in enumerate(zip(boxes, proposals)):
                 total += 1
                 props = torch.tensor([list(p)[:4] for p in props or []], dtype=torch.float64).reshape(-1, 4)
@@ -227,12 +239,13 @@ def evaluate_split(
         albef.train(was_training)
     if total == 0:
         raise ConfigError(f"eval.split: split {split!r} has no decodable expressions")
-    metrics = {f"acc_{name}": 100.0 * value / total for name, value in hits.items()}
-    metrics.update(grounding_acc=metrics[f"acc_{g.score_variant}"], num_refs=float(total), no_proposals=float(empty),
-                   eval_seconds=time.perf_counter() - start)
+    names = [n for n in hits if n not in (*BASELINES, "upper")] + list(BASELINES)  # the maps first, as before
+    metrics = {f"acc_{name}": 100.0 * hits[name] / total for name in (*names, "upper")}
+    metrics.update(grounding_acc=metrics.get(f"acc_{g.score_variant}", math.nan), num_refs=float(total),
+                   no_proposals=float(empty), eval_seconds=time.perf_counter() - start)
     if log_fn is not None:
         log_fn(f"grounding {split}: {total} expressions in {metrics['eval_seconds']:.1f} s: "
-               + ", ".join(f"{n} {metrics[f'acc_{n}']:.2f}" for n in (*g.variants, *BASELINES)))
+               + ", ".join(f"{n} {metrics[f'acc_{n}']:.2f}" for n in names))
     return metrics, kept
 
 

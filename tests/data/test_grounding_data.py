@@ -4,6 +4,7 @@ and a short end to end run (train steps, evaluation, heat maps into MLflow, `eva
 from __future__ import annotations
 
 import json
+import math
 import pickle
 
 import numpy as np
@@ -169,17 +170,15 @@ def test_generated_dataset_has_four_splits_of_well_formed_rows(tmp_path):
 # ----------------------------------------------------------------------------- accuracy by hand
 
 
-def test_accuracies_of_hand_built_expressions(tmp_path, monkeypatch):
-    """Three 40 x 30 images; every map peaks on the top-left patch: counts checked by hand."""
+def _hand_built_split(tmp_path):
+    """Three 40 x 30 images and their expressions (val): the dataset root, config and tokenizer."""
     from albef_ray.data.build.candidates import Candidate, IterableSource
     from albef_ray.data.collate import load_tokenizer
-    from albef_ray.eval import grounding
-    from albef_ray.model.albef import build_model
 
     top_left, bottom_right, whole = [0.0, 0.0, 20.0, 15.0], [20.0, 15.0, 20.0, 15.0], [0.0, 0.0, 40.0, 30.0]
     texts = [
-        {"text": "red", "box": top_left, "proposals": [top_left, bottom_right], "ref_id": "0"},  # picked right
-        {"text": "blue", "box": bottom_right, "proposals": [top_left, bottom_right, whole], "ref_id": "1"},  # wrong
+        {"text": "red", "box": top_left, "proposals": [top_left, bottom_right], "ref_id": "0"},
+        {"text": "blue", "box": bottom_right, "proposals": [top_left, bottom_right, whole], "ref_id": "1"},
         {"text": "green", "box": whole, "proposals": [], "ref_id": "2"},  # nothing to pick
     ]
 
@@ -188,15 +187,22 @@ def test_accuracies_of_hand_built_expressions(tmp_path, monkeypatch):
             yield Candidate("hand", f"img{i}", f"img{i}", [text], image=image_bytes(i, size=(40, 30)))
 
     write_dataset(tmp_path / "ds", [IterableSource("hand", candidates, split="val")], shuffle_seed=None, progress=False)
+    cfg = build_config({"task": "grounding", "mlm": {"enabled": False}, "mod": {"mlm": False},
+                        "model": {"size": "albef_tiny", "vit_init": None, "bert_init": None}})
+    return [str(tmp_path / "ds")], cfg, load_tokenizer(make_tokenizer(tmp_path / "tokenizer"))
+
+
+def test_accuracies_of_hand_built_expressions(tmp_path, monkeypatch):
+    """Three 40 x 30 images; every map peaks on the top-left patch: counts checked by hand."""
+    from albef_ray.eval import grounding
+    from albef_ray.model.albef import build_model
+
+    paths, cfg, tokenizer = _hand_built_split(tmp_path)
     cam = torch.zeros(4, 4)
     cam[0, 0] = 1.0  # albef_tiny's 4 x 4 patch grid
     monkeypatch.setattr(grounding, "grounding_maps", lambda model, tensors, variants, *a: {
         v: cam.expand(tensors["image"].shape[0], 4, 4) for v in variants})
-    cfg = build_config({"task": "grounding", "mlm": {"enabled": False}, "mod": {"mlm": False},
-                        "model": {"size": "albef_tiny", "vit_init": None, "bert_init": None}})
-    tokenizer = load_tokenizer(make_tokenizer(tmp_path / "tokenizer"))
-    metrics, kept = grounding.evaluate_split(build_model("albef_tiny"), [str(tmp_path / "ds")], "val", cfg, tokenizer,
-                                             "cpu", keep=3)
+    metrics, kept = grounding.evaluate_split(build_model("albef_tiny"), paths, "val", cfg, tokenizer, "cpu", keep=3)
     # itm / itc: right on 0 only (on 1 the top-left box beats the whole image: M / 300**0.5 > M / 1200**0.5).
     # random: 1/2 of 0's proposals, 1/3 of 1's (the whole image has IoU 0.25), none of 2's.
     # largest: 0's two boxes tie (the first, right), 1's largest is the whole image (wrong).
@@ -206,6 +212,32 @@ def test_accuracies_of_hand_built_expressions(tmp_path, monkeypatch):
     assert (metrics["num_refs"], metrics["no_proposals"]) == (3, 1)
     assert [k.ref_id for k in kept] == ["0", "1"] and kept[1].picks == {"itm": 0, "itc": 0}
     assert (kept[0].width, kept[0].height) == (40, 30) and kept[0].correct["itm"]
+
+
+def test_a_map_function_ranks_the_boxes_through_the_same_scoring(tmp_path):
+    """evaluate_split(maps_fn=...): named probe maps, scored exactly as the variants are."""
+    from albef_ray.eval import grounding
+    from albef_ray.model.albef import build_model
+
+    paths, cfg, tokenizer = _hand_built_split(tmp_path)
+    top_left, bottom_right = torch.zeros(4, 4), torch.zeros(4, 4)
+    top_left[0, 0] = bottom_right[3, 3] = 1.0
+    seen = []
+
+    def maps_fn(model, tensors):
+        seen.append(type(model).__name__)
+        n = tensors["image"].shape[0]
+        return {"tl": top_left.expand(n, 4, 4), "br": bottom_right.expand(n, 4, 4)}
+
+    metrics, kept = grounding.evaluate_split(build_model("albef_tiny"), paths, "val", cfg, tokenizer, "cpu", keep=2,
+                                             maps_fn=maps_fn)
+    # tl: right on expression 0 only; br: right on 1 only (its own box beats the whole image), wrong on 0.
+    assert metrics["acc_tl"] == metrics["acc_br"] == pytest.approx(100 / 3)
+    assert kept[0].correct == {"tl": True, "br": False} and kept[1].correct == {"tl": False, "br": True}
+    assert kept[1].picks == {"tl": 0, "br": 1}
+    assert metrics["acc_random"] == pytest.approx(100 * (1 / 2 + 1 / 3) / 3)
+    assert "acc_itm" not in metrics and math.isnan(metrics["grounding_acc"])  # score_variant itm: no such map
+    assert seen and set(seen) == {"ALBEF"}
 
 
 # ----------------------------------------------------------------------------- end to end
