@@ -35,7 +35,6 @@ from albef_ray.train.loop import Schedule, train_step
 from albef_ray.train.optim import build_optimizer
 
 
-
 def training_pairs(cfg):
     """(images (N_img, 3, R, R) uint8, ids, mask, image index per expression) of ``data.train_split``."""
     every = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_images": None})})
