@@ -58,19 +58,23 @@ def main() -> None:
     area = collections.defaultdict(lambda: torch.zeros(3, dtype=torch.float64))
     seen = 0
     for batch in iter_examples(cfg.data.shards, args.split, cfg, tok, max_rows=args.refs):
-        t = batch.tensors
+        t, cols = batch.tensors, batch.columns
         ids, mask = t["input_ids"], t["attention_mask"]
+        with torch.no_grad():  # the unimodal encoders do not depend on the captured layer: once per batch
+            text_hidden, image_tokens = model.encode_text(ids, mask), model.encode_image(t["image"])
+        attns = []
         for layer in range(len(model.fusion.layers)):
             with torch.no_grad(), capture_cross_attention(model, layer) as record:
-                model.fuse(model.encode_text(ids, mask), mask, model.encode_image(t["image"]), None)
-            attn = record.attn.double().mean(1)[..., 1:]  # (B, T, N)
-            grid = int(attn.shape[-1] ** 0.5)
-            for k in range(len(batch.text)):
-                cols = batch.columns
-                where = regions(cols["box"][k], cols["proposals"][k], int(cols["width"][k]), int(cols["height"][k]), grid)
-                share = torch.stack([(where == r).double().mean() for r in range(3)])
-                for q, token in enumerate(tok.convert_ids_to_tokens(ids[k][mask[k].bool()].tolist())):
-                    row = token if token in ("[CLS]", "the") else "word"
+                model.fuse(text_hidden, mask, image_tokens, None)
+            attns.append(record.attn.double().mean(1)[..., 1:])  # (B, T, N)
+        grid = int(attns[0].shape[-1] ** 0.5)
+        for k in range(len(batch.text)):
+            where = regions(cols["box"][k], cols["proposals"][k], int(cols["width"][k]), int(cols["height"][k]), grid)
+            share = torch.stack([(where == r).double().mean() for r in range(3)])
+            rows = ["word" if token not in ("[CLS]", "the") else token
+                    for token in tok.convert_ids_to_tokens(ids[k][mask[k].bool()].tolist())]
+            for layer, attn in enumerate(attns):
+                for q, row in enumerate(rows):
                     mass[(layer, row)] += torch.stack([attn[k, q][where == r].sum() for r in range(3)])
                     area[(layer, row)] += share
         seen += len(batch.text)

@@ -37,9 +37,11 @@ def map_variants(stop_ids: set[int]):
         cls = torch.zeros_like(content)
         cls[:, 0] = 1
         maps = {}
+        with torch.no_grad():  # the unimodal encoders do not depend on the captured layer: once per batch
+            text_hidden, image_tokens = m.encode_text(ids, mask), m.encode_image(img)
         for layer in range(len(m.fusion.layers)):
             with torch.enable_grad(), capture_cross_attention(m, layer) as rec:
-                fused = m.fuse(m.encode_text(ids, mask), mask, m.encode_image(img), None)
+                fused = m.fuse(text_hidden, mask, image_tokens, None)
                 (g,) = torch.autograd.grad(m.itm_logits(fused.float())[:, 1].sum(), rec.attn)
             a = rec.attn.detach()
             gc = attention_gradcam(a, g)

@@ -201,6 +201,7 @@ def evaluate_split(
         def maps_fn(albef: ALBEF, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return grounding_maps(albef, tensors, g.variants, cfg, device, precision)
     hits = {name: 0.0 for name in (*BASELINES, "upper")}
+    map_hits: dict[str, float] = {}  # per map name, in the order maps_fn returns them
     total = empty = 0
     kept: list[GroundedExample] = []
     start = time.perf_counter()
@@ -213,7 +214,7 @@ def evaluate_split(
             boxes, proposals, widths, heights, refs = _columns(batch, split)
             cams = maps_fn(albef, batch.tensors)
             for name in cams:
-                hits.setdefault(name, 0.0)
+                map_hits.setdefault(name, 0.0)
             for k, (box, props) in enumerate(zip(boxes, proposals)):
                 total += 1
                 props = torch.tensor([list(p)[:4] for p in props or []], dtype=torch.float64).reshape(-1, 4)
@@ -231,7 +232,7 @@ def evaluate_split(
                     kept.append(example)
                 for variant, maps in cams.items():
                     chosen = pick_box(maps[k], props, int(heights[k]), int(widths[k]), g.box_alpha)
-                    hits[variant] += float(correct[chosen])
+                    map_hits[variant] += float(correct[chosen])
                     if example is not None:
                         example.cams[variant], example.picks[variant] = maps[k], chosen
                         example.correct[variant] = bool(correct[chosen])
@@ -239,8 +240,9 @@ def evaluate_split(
         albef.train(was_training)
     if total == 0:
         raise ConfigError(f"eval.split: split {split!r} has no decodable expressions")
-    names = [n for n in hits if n not in (*BASELINES, "upper")] + list(BASELINES)  # the maps first, as before
-    metrics = {f"acc_{name}": 100.0 * hits[name] / total for name in (*names, "upper")}
+    hits = {**map_hits, **hits}  # the maps first, as before
+    names = [n for n in hits if n != "upper"]
+    metrics = {f"acc_{name}": 100.0 * value / total for name, value in hits.items()}
     metrics.update(grounding_acc=metrics.get(f"acc_{g.score_variant}", math.nan), num_refs=float(total),
                    no_proposals=float(empty), eval_seconds=time.perf_counter() - start)
     if log_fn is not None:
