@@ -26,8 +26,7 @@ import torch
 from albef_ray.config import load_config, with_overrides
 from albef_ray.data.collate import load_tokenizer, tokenize
 from albef_ray.data.transforms import normalize
-from albef_ray.eval.gradcam import itc_gradcam, itm_gradcam
-from albef_ray.eval.grounding import evaluate_split
+from albef_ray.eval.grounding import evaluate_split, grounding_maps
 from albef_ray.eval.split import load_split
 from albef_ray.objectives.mlm import SpecialTokens
 from albef_ray.tasks import build_task
@@ -68,13 +67,14 @@ def finetune(task, cfg, pairs, blank: bool) -> float:
     return (time.perf_counter() - start) / max(step, 1)
 
 
-def itm_layers_maps(layers: list[int]):
+def itm_layers_maps(cfg, layers: list[int]):
     """A ``maps_fn`` for evaluate_split: ALBEF_itm at each of ``layers`` (``itm_L<layer>``) and ALBEF_itc."""
+    layer_cfgs = {layer: with_overrides(cfg, {"grounding.itm_layer": layer}) for layer in layers}
 
     def maps_fn(model, tensors):
-        ids, mask = tensors["input_ids"], tensors["attention_mask"]
-        out = {f"itm_L{layer}": itm_gradcam(model, tensors["image"], ids, mask, layer).expression for layer in layers}
-        out["itc"] = itc_gradcam(model, tensors["image"], ids, mask).expression
+        out = {f"itm_L{layer}": grounding_maps(model, tensors, ["itm"], c, "cpu", c.train.precision)["itm"]
+               for layer, c in layer_cfgs.items()}
+        out.update(grounding_maps(model, tensors, ["itc"], cfg, "cpu", cfg.train.precision))
         return out
 
     return maps_fn
@@ -83,7 +83,7 @@ def itm_layers_maps(layers: list[int]):
 def evaluate(task, cfg, tokenizer, splits, itm_layers: list[int] | None = None) -> dict[str, float]:
     """``{split/method: accuracy}``; with ``itm_layers`` ALBEF_itm once per layer (``itm_L<layer>``)."""
     out = {}
-    maps_fn = itm_layers_maps(itm_layers) if itm_layers else None
+    maps_fn = itm_layers_maps(cfg, itm_layers) if itm_layers else None
     for split in splits:
         metrics, _ = evaluate_split(task, cfg.data.shards, split, cfg, tokenizer, "cpu", maps_fn=maps_fn)
         out.update({f"{split}/{k[4:]}": round(v, 2) for k, v in metrics.items() if k.startswith("acc_") and k != "acc_upper"})
